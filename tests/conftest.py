@@ -1,0 +1,25 @@
+"""Shared fixtures: locations of the read-only reference facts and real data."""
+
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / 'shared'
+SPEC = SHARED / 'spec'
+ASSETS = SHARED / 'assets'
+
+
+@pytest.fixture
+def spec_dir() -> pathlib.Path:
+    if not SPEC.is_dir():
+        pytest.skip(f'reference facts not found at {SPEC}')
+    return SPEC
+
+
+@pytest.fixture
+def cifar_dir() -> pathlib.Path:
+    path = ASSETS / 'cifar-10-batches-py'
+    if not path.is_dir():
+        pytest.skip(f'CIFAR-10 batches not found at {path}')
+    return path
