@@ -1,0 +1,38 @@
+"""Dockerfile and environment.yml list the same dependencies as pyproject.toml."""
+
+import re
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+tomllib = pytest.importorskip('tomllib') if sys.version_info >= (3, 11) else pytest.importorskip('tomli')
+
+
+def _name(requirement: str) -> str:
+    name = re.split(r'[<>=!~\s\[]', requirement.strip(), maxsplit=1)[0].lower()
+    return {'pytorch': 'torch', 'pillow': 'pillow'}.get(name, name)
+
+
+def _pyproject_deps() -> set:
+    with open(ROOT / 'pyproject.toml', 'rb') as f:
+        return {_name(d) for d in tomllib.load(f)['project']['dependencies']}
+
+
+def test_environment_yml_matches_pyproject():
+    deps = set()
+    text = (ROOT / 'environment.yml').read_text()
+    for line in text[text.index('dependencies:'):].splitlines():
+        m = re.match(r'\s+- ([A-Za-z][\w.-]*)', line)
+        if m and m.group(1) not in ('python', 'pip'):
+            deps.add(_name(m.group(1)))
+    assert deps == _pyproject_deps()
+
+
+def test_dockerfile_matches_pyproject():
+    text = (ROOT / 'Dockerfile').read_text()
+    base = re.search(r'^FROM (\S+)', text, re.M).group(1)
+    assert base.startswith('pytorch/pytorch:') and 'cuda' in base  # torch comes from the CUDA base image
+    install = re.search(r'pip install --no-cache-dir ([^&\\]+)', text).group(1)
+    assert {_name(d) for d in install.split()} | {'torch'} == _pyproject_deps()
