@@ -1,0 +1,202 @@
+"""generate.py end to end on a tiny pickle (CliRunner), its config resolution, and its error messages."""
+
+import os
+import pickle
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import generate
+from torch_utils import persistence
+from training import presets_generate
+from training.presets_generate import build_config
+
+#----------------------------------------------------------------------------
+# Fixtures.
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    # Tiny tensors: one thread avoids oversubscription when test files run in parallel.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Unknown(torch.nn.Module):
+    """A module class the safe loader does not know."""
+
+
+def tiny_net(resolution=8, label_dim=0, seed=0):
+    from training.networks import EDMPrecond
+    torch.manual_seed(seed)
+    net = EDMPrecond(img_resolution=resolution, img_channels=3, label_dim=label_dim, model_type='SongUNet',
+                     model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0)
+    return net.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope='module')
+def pickles(tmp_path_factory):
+    root = tmp_path_factory.mktemp('pickles')
+    paths = {}
+    for name, kwargs in [('uncond', {}), ('cond', dict(label_dim=4)), ('guide', dict(label_dim=4, seed=1)),
+                         ('res16', dict(resolution=16, label_dim=4))]:
+        paths[name] = str(root / f'{name}.pkl')
+        persistence.save_pickle({'ema': tiny_net(**kwargs)}, paths[name])
+    paths['untrusted'] = str(root / 'untrusted.pkl')
+    with open(paths['untrusted'], 'wb') as f:
+        pickle.dump({'ema': Unknown()}, f)
+    return paths
+
+
+def run(*args):
+    result = CliRunner().invoke(generate.main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def read_png(path):
+    return np.asarray(PIL.Image.open(path))
+
+#----------------------------------------------------------------------------
+# Working runs.
+
+def test_writes_one_png_per_seed_and_resumes(pickles, tmp_path):
+    outdir = tmp_path / 'out'
+    code, output = run('--net', pickles['cond'], '--outdir', outdir, '--seeds', '0-2,7', '--steps', 3, '--batch', 3,
+                       '--device', 'cpu')
+    assert code == 0, output
+    names = sorted(os.listdir(outdir))
+    assert names == ['000000.png', '000001.png', '000002.png', '000007.png']
+    first = {name: read_png(outdir / name) for name in names}
+    assert all(img.shape == (8, 8, 3) and img.dtype == np.uint8 for img in first.values())
+
+    # Resume: only the missing seed is generated again, and it comes out identical.
+    os.remove(outdir / '000001.png')
+    mtime = os.path.getmtime(outdir / '000007.png')
+    code, output = run('--net', pickles['cond'], '--outdir', outdir, '--seeds', '0-2,7', '--steps', 3, '--batch', 1,
+                       '--device', 'cpu')
+    assert code == 0, output
+    assert '3 already written' in output
+    assert os.path.getmtime(outdir / '000007.png') == mtime
+    assert np.array_equal(read_png(outdir / '000001.png'), first['000001.png'])
+
+
+def test_subdirs_class_and_grid(pickles, tmp_path):
+    outdir, grid = tmp_path / 'out', tmp_path / 'grid.png'
+    code, output = run('--net', pickles['cond'], '--outdir', outdir, '--subdirs', '--seeds', '999-1001',
+                       '--class', 2, '--steps', 2, '--grid', grid, '--device', 'cpu', '--trust-pickle')
+    assert code == 0, output
+    assert sorted(os.listdir(outdir)) == ['000000', '001000']
+    assert sorted(os.listdir(outdir / '001000')) == ['001000.png', '001001.png']
+    image = read_png(grid)
+    assert image.shape == (16, 16, 3)  # 3 images on a 2 x 2 grid.
+    assert np.array_equal(image[:8, 8:], read_png(outdir / '001000' / '001000.png'))
+    assert not image[8:, 8:].any()
+
+
+def test_grid_only_with_guidance_and_sampler(pickles, tmp_path):
+    grid = tmp_path / 'grid.png'
+    code, output = run('--net', pickles['cond'], '--gnet', pickles['guide'], '--guidance', 1.5, '--grid', grid,
+                       '--seeds', '0-3', '--sampler', 'dpmpp2m', '--steps', 3, '--device', 'cpu')
+    assert code == 0, output
+    assert os.listdir(tmp_path) == ['grid.png']
+    assert read_png(grid).shape == (16, 16, 3)
+
+#----------------------------------------------------------------------------
+# Config resolution.
+
+def test_build_config_applies_presets_and_overrides():
+    cfg = build_config('edm2-img512-xxl-autog-fid', outdir='out', num_steps=None)
+    assert cfg.net.endswith('/edm2-img512-xxl-0939524-0.075.pkl')
+    assert cfg.gnet.endswith('/edm2-img512-m-0268435-0.155.pkl')
+    assert cfg.sampler_kwargs() == {'guidance': 2.05}
+    cfg = build_config('edm-imagenet-64x64-cond-adm', outdir='out', S_churn=10)
+    assert cfg.sampler == 'edm'
+    assert cfg.sampler_kwargs() == dict(num_steps=256, S_churn=10, S_min=0.05, S_max=50, S_noise=1.003)
+    assert build_config(net='x.pkl', outdir='o', solver='euler').sampler == 'ablation'
+    assert build_config(net='x.pkl', outdir='o', gnet='g.pkl', guidance=1).gnet is None
+    assert len([p for p in presets_generate.PRESETS if p.startswith('edm2-')]) == 36
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(outdir='o'), '--net'),
+    (dict(net='x.pkl'), '--outdir'),
+    (dict(net='x.pkl', outdir='o', guidance=2.0), '--gnet'),
+    (dict(net='x.pkl', outdir='o', seeds=[]), 'empty'),
+    (dict(net='x.pkl', outdir='o', sampler='ddim', S_churn=3.0), '--S_churn=3.0 does not apply to --sampler=ddim'),
+    (dict(net='x.pkl', outdir='o', sampler='heun'), 'not a sampler'),
+])
+def test_build_config_rejects(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_config(**kwargs)
+
+#----------------------------------------------------------------------------
+# Bad input: one clear line, nonzero exit.
+
+@pytest.mark.parametrize('args,match', [
+    (['--seeds', '1-a'], "cannot parse '1-a'"),
+    (['--seeds', '5-2'], 'is empty'),
+    (['--class', 4], 'out of range'),
+    (['--guidance', 2], 'needs a guiding network'),
+    (['--gnet', '{res16}', '--guidance', 2], 'img_resolution=16'),
+    (['--gnet', '{uncond}', '--class', 0, '--net', '{uncond}'], 'unconditional'),
+    (['--net', '{missing}'], 'no such file'),
+    (['--net', '{untrusted}'], '--trust-pickle'),
+])
+def test_bad_input_fails_with_one_clear_line(pickles, tmp_path, args, match):
+    paths = dict(pickles, missing=str(tmp_path / 'missing.pkl'))
+    args = [str(a).format(**paths) for a in args]
+    if '--net' not in args:
+        args = ['--net', pickles['cond']] + args
+    code, output = run(*args, '--outdir', tmp_path / 'out', '--steps', 2, '--device', 'cpu')
+    assert code != 0
+    assert 'Traceback' not in output
+    errors = [line for line in output.splitlines() if line.startswith('Error')]
+    assert len(errors) == 1 and match in errors[0], output
+    assert not (tmp_path / 'out').exists() or not os.listdir(tmp_path / 'out')
+
+
+def test_gnet_with_other_label_dim_is_rejected(pickles, tmp_path):
+    # An unconditional guide is fine (classifier-free guidance); another label count is not.
+    persistence.save_pickle({'ema': tiny_net(label_dim=3)}, tmp_path / 'l3.pkl')
+    code, output = run('--net', pickles['cond'], '--gnet', tmp_path / 'l3.pkl', '--guidance', 2, '--outdir',
+                       tmp_path / 'out', '--steps', 2, '--device', 'cpu')
+    assert code != 0 and 'label_dim=3' in output
+    code, output = run('--net', pickles['cond'], '--gnet', pickles['uncond'], '--guidance', 2, '--outdir',
+                       tmp_path / 'out', '--seeds', 0, '--steps', 2, '--device', 'cpu')
+    assert code == 0, output
+
+#----------------------------------------------------------------------------
+# Reference pickles, dry run, torchrun.
+
+def test_dry_run_prints_config():
+    code, output = run('--preset', 'edm2-img512-s-autog-fid', '--grid', 'g.png', '--dry-run')
+    assert code == 0, output
+    assert '"guidance": 2.1' in output and 'edm2-img512-xs-0134217-0.125.pkl' in output
+
+
+def test_reference_pickles_with_classifier_free_guidance(spec_dir, tmp_path):
+    # EDM2 snapshot (float16 ema + StandardRGBEncoder), guided by the unconditional one, via the safe loader.
+    pickles = spec_dir / 'pickles'
+    code, output = run('--net', pickles / 'edm2-snapshot.pkl', '--gnet', pickles / 'edm2-uncond-snapshot.pkl',
+                       '--guidance', 1.5, '--outdir', tmp_path, '--seeds', '0,1', '--steps', 3, '--device', 'cpu')
+    assert code == 0, output
+    assert read_png(tmp_path / '000001.png').shape == (16, 16, 3)
+
+
+def test_torchrun_two_ranks_match_one(pickles, tmp_path):
+    import subprocess
+    import sys
+    args = ['--net', pickles['cond'], '--seeds', '0-4', '--batch', 2, '--steps', 2, '--device', 'cpu']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', generate.__file__]
+    proc = subprocess.run(cmd + [str(a) for a in args + ['--outdir', tmp_path / 'two', '--grid', tmp_path / 'two.png']],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, output = run(*args, '--outdir', tmp_path / 'one', '--grid', tmp_path / 'one.png')
+    assert code == 0, output
+    assert sorted(os.listdir(tmp_path / 'two')) == sorted(os.listdir(tmp_path / 'one'))
+    assert np.abs(read_png(tmp_path / 'two.png').astype(int) - read_png(tmp_path / 'one.png')).max() <= 1
