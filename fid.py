@@ -1,0 +1,176 @@
+"""Calculate FID, FD_DINOv2 and precision/recall (NVlabs/edm fid.py + NVlabs/edm2 calculate_metrics.py).
+
+The math lives in training/metrics.py and training/detectors.py; this script parses options.
+"""
+
+from __future__ import annotations
+
+import click
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from torch_utils import misc
+from training import detectors as detectors_lib
+from training import metrics as metrics_lib
+
+#----------------------------------------------------------------------------
+
+def parse_metric_list(ctx, param, value):
+    """click callback: 'fid,pr' -> ['fid', 'pr']; None keeps the file-dependent default."""
+    if value is None:
+        return None
+    try:
+        return metrics_lib.parse_metrics(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+def setup_device(name: str) -> torch.device:
+    """--device -> torch.device for this rank; fp32 feature extraction everywhere (TF32 off, logged)."""
+    device = dist.device_for_rank(misc.choose_device(name))
+    dist.init(device)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        dist.print0('TF32 disabled: features are computed in full fp32.')
+    return device
+
+def report(results: list[dict], context: dict, metrics_file: str | None) -> None:
+    """Print each repeat's values (and min/mean over repeats); append JSON lines to --metrics-file."""
+    if dist.get_rank() != 0:
+        return
+    records = []
+    for repeat, result in enumerate(results):
+        values = {k: v for k, v in result.items() if isinstance(v, float)}
+        tag = f'[repeat {repeat}] ' if len(results) > 1 else ''
+        for name, value in values.items():
+            print(f'{tag}{name} = {value:g}')
+            extra = {k: v for k, v in result.items() if k not in values}
+            records.append(dict(context, **extra, repeat=repeat, metric=name, value=value))
+    if len(results) > 1:
+        for name, summary in metrics_lib.summarize(results).items():
+            print(f'{name}: min = {summary["min"]:g}, mean = {summary["mean"]:g} over {len(results)} repeats')
+            records.append(dict(context, metric=name, repeats=len(results), **summary))
+    if metrics_file is not None:
+        metrics_lib.append_jsonl(metrics_file, records)
+
+#----------------------------------------------------------------------------
+
+def common_options(metrics_default: str):
+    """Options shared by calc, gen and ref; `metrics_default` says what --metrics falls back to."""
+    return lambda fn: _add_common_options(fn, metrics_default)
+
+def _add_common_options(fn, metrics_default: str):
+    options = [
+        click.option('--metrics', help=f'Metrics to compute: fid, fd_dinov2, pr  [default: {metrics_default}]', metavar='LIST', type=str, callback=parse_metric_list, default=None),
+        click.option('--detector', help=f'Inception-v3 detector file (.pkl or TorchScript) [default: ${detectors_lib.INCEPTION_ENV}, caches]', metavar='PATH|URL', type=str, default=None),
+        click.option('--dinov2', help=f'DINOv2 ViT-L/14 weights (.pth) [default: ${detectors_lib.DINOV2_ENV}, torch hub cache]', metavar='PATH|URL', type=str, default=None),
+        click.option('--device', help='Compute device', metavar='auto|cuda|cpu|mps', type=str, default='auto', show_default=True),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+def repeat_options(fn):
+    """Options of the commands that measure (calc, gen)."""
+    options = [
+        click.option('--repeats', help='Measure this many disjoint image sets; report each, min and mean', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True),
+        click.option('--metrics-file', help='Append one JSON line per result to this file', metavar='JSONL', type=str, default=None),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+#----------------------------------------------------------------------------
+
+@click.group()
+def main():
+    """Calculate evaluation metrics (FID, FD_DINOv2, precision/recall).
+
+    Examples:
+
+    \b
+    # FID of 50000 generated images against CIFAR-10 (EDM)
+    torchrun --standalone --nproc_per_node=1 fid.py calc --images=fid-tmp \\
+        --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
+
+    \b
+    # Metrics of a model without saving images (EDM2)
+    torchrun --standalone --nproc_per_node=8 fid.py gen --net=edm2-img512-s.pkl \\
+        --ref=https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl --seed=123456789
+
+    \b
+    # Dataset reference statistics: .npz (EDM, FID) or .pkl (EDM2, FID + FD_DINOv2)
+    python fid.py ref --data=datasets/cifar10-32x32.zip --dest=fid-refs/cifar10-32x32.npz
+    """
+
+#----------------------------------------------------------------------------
+
+@main.command()
+@click.option('--images', help='Images to evaluate', metavar='PATH|ZIP', type=str, required=True)
+@click.option('--ref', 'ref_path', help='Reference statistics', metavar='NPZ|PKL|URL', type=str, required=True)
+@click.option('--num', help='Number of images to use', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--seed', help='Random seed for selecting the images', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--batch', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--workers', help='Subprocesses for data loading', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
+@common_options('those in --ref')
+@repeat_options
+@dnnlib.util.cli_errors
+def calc(images, ref_path, num, seed, batch, workers, metrics, detector, dinov2, device, repeats, metrics_file):
+    """Calculate metrics for a folder or zip of images."""
+    device = setup_device(device)
+    results = metrics_lib.calc(images, ref_path, metrics=metrics, num=num, seed=seed, repeats=repeats, batch_size=batch,
+                               num_workers=workers, device=device, detector=detector, dinov2=dinov2)
+    report(results, dict(command='calc', images=images, ref=ref_path, seed=seed), metrics_file)
+    dist.barrier()
+
+#----------------------------------------------------------------------------
+
+@main.command()
+@click.option('--net', help='Network pickle', metavar='PKL|URL', type=str, required=True)
+@click.option('--gnet', help='Guiding network pickle (autoguidance)  [default: none]', metavar='PKL|URL', type=str, default=None)
+@click.option('--guidance', help='Guidance strength  [default: sampler default]', metavar='FLOAT', type=float, default=None)
+@click.option('--steps', 'num_steps', help='Sampler steps  [default: sampler default]', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--trust-pickle', 'trust', help='Load pickles that run their embedded code', is_flag=True, default=False)
+@click.option('--ref', 'ref_path', help='Reference statistics', metavar='NPZ|PKL|URL', type=str, required=True)
+@click.option('--num', help='Number of images to generate', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--seed', help='Random seed of the first image', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--batch', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
+@common_options('those in --ref')
+@repeat_options
+@dnnlib.util.cli_errors
+def gen(net, gnet, guidance, num_steps, trust, ref_path, num, seed, batch, metrics, detector, dinov2, device, repeats, metrics_file):
+    """Calculate metrics for a network with default sampler settings, generating images on the fly."""
+    device = setup_device(device)
+    sampler_kwargs = {k: v for k, v in dict(guidance=guidance, num_steps=num_steps).items() if v is not None}
+    results = metrics_lib.gen(net, ref_path, metrics=metrics, num=num, seed=seed, repeats=repeats, batch_size=batch,
+                              device=device, gnet=gnet, trust=trust, detector=detector, dinov2=dinov2, **sampler_kwargs)
+    report(results, dict(command='gen', net=net, gnet=gnet, ref=ref_path, **sampler_kwargs), metrics_file)
+    dist.barrier()
+
+#----------------------------------------------------------------------------
+
+@main.command()
+@click.option('--data', help='Dataset', metavar='PATH|ZIP', type=str, required=True)
+@click.option('--dest', help='Destination statistics file', metavar='NPZ|PKL', type=str, required=True)
+@click.option('--seed', help='Random seed for the precision/recall feature subset', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--batch', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--workers', help='Subprocesses for data loading', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
+@common_options('fid for .npz, fid,fd_dinov2 for .pkl')
+@dnnlib.util.cli_errors
+def ref(data, dest, seed, batch, workers, metrics, detector, dinov2, device):
+    """Calculate dataset reference statistics for 'calc' and 'gen'."""
+    device = setup_device(device)
+    stats = metrics_lib.ref(data, dest, metrics=metrics, seed=seed, batch_size=batch, num_workers=workers,
+                            device=device, detector=detector, dinov2=dinov2)
+    dist.print0(f'Saved statistics of {stats["num_images"]} images to {dest}')
+
+#----------------------------------------------------------------------------
+
+cmdline = main # EDM2's name for the group
+
+if __name__ == '__main__':
+    main()
+
+#----------------------------------------------------------------------------
