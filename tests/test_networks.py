@@ -1,0 +1,274 @@
+"""Tests of the EDM networks (training/networks.py), preconditioning and their reference parity."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from torch_utils import persistence
+from training import networks, networks_edm2, preconditioning
+
+RTOL, ATOL = 1e-4, 1e-5
+SPEC_CTORS = {'EDM2UNet': networks_edm2.UNet, 'EDM2Precond': networks_edm2.Precond}
+
+
+def spec_class(ctor: str) -> type:
+    return SPEC_CTORS.get(ctor) or getattr(networks, ctor)
+
+
+def load_spec_net(path):
+    data = torch.load(path, weights_only=False)
+    case, tensors = data['case'], data['tensors']
+    net = spec_class(case['ctor'])(**case['kwargs']).eval()
+    net.load_state_dict(tensors['state_dict'])
+    return net, case, tensors
+
+
+def perturb_(net: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> torch.nn.Module:
+    """Move every parameter away from its (often zero) init so that each branch affects the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return net
+
+
+def tiny_edm(model_type='SongUNet', label_dim=4, **kwargs):
+    song = dict(embedding_type='fourier', encoder_type='residual', channel_mult_noise=2, resample_filter=[1, 3, 3, 1])
+    defaults = dict(img_resolution=8, img_channels=3, label_dim=label_dim, model_type=model_type,
+        model_channels=8 if model_type == 'SongUNet' else 16, channel_mult=[1, 2] if model_type == 'SongUNet' else [1, 4],
+        num_blocks=1, attn_resolutions=[4], dropout=0, **(song if model_type == 'SongUNet' else {}))
+    return networks.EDMPrecond(**{**defaults, **kwargs})
+
+
+def tiny_inputs(batch=3, label_dim=4, resolution=8, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn([batch, 3, resolution, resolution], generator=gen)
+    sigma = torch.tensor([0.02, 0.7, 20.0, 3.0, 0.1][:batch])
+    labels = torch.eye(label_dim)[torch.arange(batch) % label_dim] if label_dim else None
+    return x, sigma, labels
+
+#----------------------------------------------------------------------------
+# Reference parity.
+
+def test_state_dict_keys_and_shapes_match_reference(spec_dir):
+    entries = json.loads((spec_dir / 'state_dicts.json').read_text())
+    assert len(entries) >= 39
+    for name, entry in entries.items():
+        net = spec_class(entry['ctor'])(**entry['kwargs'])
+        ours = {k: list(v.shape) for k, v in net.state_dict().items()}
+        theirs = {k: list(shape) for k, shape in entry['keys']}
+        assert ours == theirs, f'{name}: only ours {sorted(set(ours) - set(theirs))}, only reference {sorted(set(theirs) - set(ours))}'
+
+
+@pytest.mark.parametrize('impl', networks.ATTENTION_IMPLS)
+def test_outputs_match_reference(spec_dir, impl):
+    files = sorted((spec_dir / 'networks').glob('*.pt'))
+    assert files
+    for path in files:
+        net, case, tensors = load_spec_net(path)
+        inputs = tensors['inputs']
+        with networks.attention_impl(impl), torch.no_grad():
+            torch.testing.assert_close(net(**inputs), tensors['out'], rtol=RTOL, atol=ATOL, msg=path.name)
+            no_labels = net(**{**inputs, 'class_labels': None})
+            torch.testing.assert_close(no_labels, tensors['out_nolabels'], rtol=RTOL, atol=ATOL, msg=path.name)
+            if 'logvar' in tensors:
+                _, logvar = net(**inputs, return_logvar=True)
+                torch.testing.assert_close(logvar, tensors['logvar'], rtol=RTOL, atol=ATOL, msg=path.name)
+        for attr, value in case.get('attr_values', {}).items():
+            assert getattr(net, attr) == value, f'{path.name}: {attr}'
+        for call, arg, expected in zip(case.get('attr_calls', []), tensors.get('attr_in', []), tensors.get('attr_out', [])):
+            result = getattr(net, call['name'])(arg)
+            assert result.dtype == expected.dtype and torch.equal(result, expected), f'{path.name}: {call}'
+
+
+def test_channels_last_gives_same_outputs(spec_dir):
+    for path in sorted((spec_dir / 'networks').glob('*.pt')):
+        net, _, tensors = load_spec_net(path)
+        net = perturb_(net).to(memory_format=torch.channels_last)
+        inputs = dict(tensors['inputs'])
+        with torch.no_grad():
+            expected = net(**inputs)
+            inputs['x'] = inputs['x'].to(memory_format=torch.channels_last)
+            torch.testing.assert_close(net(**inputs), expected, rtol=RTOL, atol=ATOL, msg=path.name)
+
+
+@pytest.mark.parametrize('name', ['edm', 'edm2', 'edm2-uncond'])
+def test_reference_snapshot_pickles_load_and_reproduce(spec_dir, name):
+    snapshot = persistence.load_pickle(spec_dir / 'pickles' / f'{name}-snapshot.pkl')
+    expected = torch.load(spec_dir / 'pickles' / f'{name}-snapshot.forward.pt', weights_only=False)
+    ema = snapshot['ema']
+    assert type(ema).__name__ == expected['ema_class']
+    assert dict(ema.init_kwargs) == expected['init_kwargs']
+    with torch.no_grad():
+        out = ema.eval()(expected['x'], expected['sigma'], expected['class_labels'])
+    torch.testing.assert_close(out, expected['out'], rtol=RTOL, atol=ATOL)
+
+#----------------------------------------------------------------------------
+# Attention backends.
+
+def test_attention_backends_agree_with_gradients():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn([2, 3, 8, 16], generator=gen, requires_grad=True) for _ in range(3))
+    results = {}
+    for impl in networks.ATTENTION_IMPLS:
+        for fp32_weights in (True, False):
+            with networks.attention_impl(impl):
+                out = networks.attention(q, k, v, fp32_weights=fp32_weights)
+            grads = torch.autograd.grad((out * torch.linspace(-1, 1, 16)).sum(), [q, k, v])
+            results[impl, fp32_weights] = (out, *grads)
+    first = results['reference', False]
+    for key, value in results.items():
+        for a, b in zip(value, first):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=str(key))
+    with pytest.raises(ValueError, match='sdpa'):
+        networks.set_attention_impl('flash')
+    assert networks.get_attention_impl() == 'sdpa'
+
+
+@pytest.mark.parametrize('model_type', ['SongUNet', 'DhariwalUNet'])
+def test_sdpa_matches_reference_attention_in_network(model_type):
+    torch.manual_seed(0)
+    net = perturb_(tiny_edm(model_type, **({} if model_type == 'SongUNet' else dict(model_channels=32)))).eval()
+    heads = [m.num_heads for m in net.modules() if isinstance(m, networks.UNetBlock) and m.num_heads]
+    assert heads and (model_type == 'SongUNet' or max(heads) == 2)
+    x, sigma, labels = tiny_inputs()
+    with torch.no_grad():
+        with networks.attention_impl('reference'):
+            expected = net(x, sigma, labels)
+        torch.testing.assert_close(net(x, sigma, labels), expected, rtol=RTOL, atol=ATOL)
+
+#----------------------------------------------------------------------------
+# Preconditioning, training mode, dtypes, batching.
+
+@pytest.mark.parametrize('precond', ['VPPrecond', 'VEPrecond', 'iDDPMPrecond', 'EDMPrecond'])
+def test_preconditioners_run_and_round_sigma(precond):
+    torch.manual_seed(0)
+    net = getattr(networks, precond)(img_resolution=8, img_channels=3, label_dim=0, model_type='DhariwalUNet',
+        model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[]).eval()
+    assert getattr(networks, precond) is getattr(preconditioning, precond)
+    assert 0 <= net.sigma_min < net.sigma_max
+    x, sigma, _ = tiny_inputs(label_dim=0)
+    with torch.no_grad():
+        out = net(x, sigma)
+    assert out.shape == x.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
+    rounded = net.round_sigma(sigma)
+    if precond == 'iDDPMPrecond':
+        assert torch.all(net.u[:-1] > net.u[1:])  # u_0 > u_1 > ... > u_M = 0
+        assert all(float(s) in net.u.tolist() for s in rounded)
+        assert net.sigma_max == float(net.u[0]) and net.sigma_min == float(net.u[net.M - 1])
+    else:
+        assert torch.equal(rounded, sigma)
+    if precond == 'VPPrecond':
+        t = torch.tensor([1e-5, 0.1, 0.5, 1.0], dtype=torch.float64)
+        torch.testing.assert_close(net.sigma_inv(net.sigma(t)), t)
+
+
+def test_training_mode_backward_and_label_dropout():
+    torch.manual_seed(0)
+    for model_type in ('SongUNet', 'DhariwalUNet'):
+        net = perturb_(tiny_edm(model_type, label_dropout=1, augment_dim=9)).train()
+        x, sigma, labels = tiny_inputs()
+        out = net(x, sigma, labels, augment_labels=torch.zeros([3, 9]))
+        out.square().mean().backward()
+        grads = [p.grad for p in net.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        with torch.no_grad():  # label dropout 1 in training == no label; dropout is 0 so nothing else is random
+            torch.testing.assert_close(net(x, sigma, labels), net(x, sigma, torch.zeros_like(labels)))
+
+
+def test_output_independent_of_batch_size():
+    torch.manual_seed(0)
+    net = perturb_(tiny_edm('SongUNet')).eval()
+    x, sigma, labels = tiny_inputs(batch=3)
+    with torch.no_grad():
+        full = net(x, sigma, labels)
+        single = torch.cat([net(x[i:i + 1], sigma[i:i + 1], labels[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(full, single, rtol=RTOL, atol=ATOL)
+
+
+def test_bf16_autocast_runs_and_stays_close():
+    torch.manual_seed(0)
+    for model_type in ('SongUNet', 'DhariwalUNet'):
+        net = perturb_(tiny_edm(model_type)).eval()
+        x, sigma, labels = tiny_inputs()
+        with torch.no_grad():
+            expected = net(x, sigma, labels)
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                out = net(x, sigma, labels)
+        assert out.dtype == torch.float32
+        assert (out - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_bad_inputs_raise_value_error_naming_the_shape():
+    net = tiny_edm('SongUNet').eval()
+    x, sigma, labels = tiny_inputs()
+    with pytest.raises(ValueError, match=r'x must have shape \[N, 3, 8, 8\], got \[3, 1, 8, 8\]'):
+        net(x[:, :1], sigma, labels)
+    with pytest.raises(ValueError, match=r'\[N, 3, 8, 8\], got \[3, 3, 16, 16\]'):
+        net(torch.zeros([3, 3, 16, 16]), sigma, labels)
+    with pytest.raises(ValueError, match=r'class_labels must have shape \[N, 4\]'):
+        net(x, sigma, torch.zeros([3, 5]))
+    with pytest.raises(ValueError, match='class_labels has batch size 2'):
+        net(x, sigma, labels[:2])
+    with pytest.raises(ValueError, match='sigma must have 1 or N=3'):
+        net(x, sigma[:2], labels)
+    with pytest.raises(ValueError, match=r'class_labels is required'):
+        net.model(x, sigma, None)
+    with pytest.raises(ValueError, match='encoder_type'):
+        networks.SongUNet(img_resolution=8, in_channels=3, out_channels=3, encoder_type='fancy')
+    with pytest.raises(ValueError, match='model_type'):
+        networks.EDMPrecond(img_resolution=8, img_channels=3, model_type='UNet')
+    with pytest.raises(ValueError, match='init_mode'):
+        networks.Linear(2, 2, init_mode='orthogonal')
+
+
+def test_scalar_sigma_and_missing_labels_broadcast():
+    net = tiny_edm('DhariwalUNet').eval()
+    x, sigma, labels = tiny_inputs()
+    with torch.no_grad():
+        scalar = net(x, torch.tensor(0.7))
+        per_sample = net(x, torch.full([3], 0.7), torch.zeros([3, 4]))
+    torch.testing.assert_close(scalar, per_sample, rtol=RTOL, atol=ATOL)
+
+#----------------------------------------------------------------------------
+# Persistence and torch.compile.
+
+def test_persistence_pickle_round_trip(tmp_path):
+    torch.manual_seed(0)
+    net = perturb_(tiny_edm('SongUNet')).eval()
+    x, sigma, labels = tiny_inputs()
+    with torch.no_grad():
+        expected = net(x, sigma, labels)
+    path = tmp_path / 'net.pkl'
+    persistence.save_pickle(dict(ema=net), path)
+    for trust in (False, True):
+        loaded = persistence.load_pickle(path, trust=trust)['ema']
+        assert type(loaded).__name__ == 'EDMPrecond' and persistence.is_persistent(loaded)
+        assert dict(loaded.init_kwargs) == dict(net.init_kwargs)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.eval()(x, sigma, labels), expected, rtol=0, atol=0)
+    clone = pickle.loads(pickle.dumps(net))
+    assert clone.state_dict().keys() == net.state_dict().keys()
+
+
+def test_compile_fullgraph_captures_without_graph_breaks():
+    torch.manual_seed(0)
+    net = perturb_(tiny_edm('SongUNet')).eval()
+    x, sigma, labels = tiny_inputs()
+    torch._dynamo.reset()
+    compiled = torch.compile(net, fullgraph=True, backend='eager')
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, sigma, labels), net(x, sigma, labels), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.slow
+def test_compile_inductor_matches_eager():
+    torch.manual_seed(0)
+    net = perturb_(tiny_edm('DhariwalUNet')).eval()
+    x, sigma, labels = tiny_inputs()
+    torch._dynamo.reset()
+    compiled = torch.compile(net, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, sigma, labels), net(x, sigma, labels), rtol=1e-3, atol=1e-4)

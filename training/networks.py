@@ -1,0 +1,625 @@
+"""EDM backbones: DDPM++ / NCSN++ (SongUNet) and ADM (DhariwalUNet) with their layers.
+
+Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models",
+Appendix F.2. Class names, constructor arguments and state_dict layout follow NVlabs/edm so that
+its checkpoints load unchanged. Preconditioning wrappers live in training/preconditioning.py and
+resolve here too (`training.networks.EDMPrecond`, as reference pickles and configs name them).
+This file imports only torch, numpy and torch_utils at load time: the reference code executes its
+source when it loads our pickles.
+"""
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.nn.functional import silu
+
+from torch_utils import persistence
+
+#----------------------------------------------------------------------------
+# Input validation shared by every outer forward().
+
+def _describe_shape(shape: Sequence) -> str:
+    return '[' + ', '.join('N' if s is None else str(s) for s in shape) + ']'
+
+
+def check_shape(name: str, tensor, expected: Sequence) -> None:
+    """Raise ValueError unless `tensor` has `expected` shape (None = any size along that dim)."""
+    if tensor is None:
+        raise ValueError(f'{name} is required, expected a tensor of shape {_describe_shape(expected)}')
+    if tensor.ndim != len(expected) or any(e is not None and s != e for s, e in zip(tensor.shape, expected)):
+        raise ValueError(f'{name} must have shape {_describe_shape(expected)}, got {list(tensor.shape)}')
+
+
+def check_batch(name: str, tensor, batch_size: int) -> None:
+    """Raise ValueError unless the leading dimension of `tensor` is 1 or `batch_size` (broadcastable)."""
+    if tensor.shape[0] != batch_size and tensor.shape[0] != 1:
+        raise ValueError(f'{name} has batch size {tensor.shape[0]}, expected 1 or {batch_size} to match the images')
+
+#----------------------------------------------------------------------------
+# Attention backend. 'sdpa' uses torch's fused scaled_dot_product_attention; 'reference' runs
+# the einsum math of the reference code. Neither touches parameters, so state_dicts and
+# constructor arguments are identical under both.
+
+ATTENTION_IMPLS = ('sdpa', 'reference')
+_attention = {'impl': 'sdpa'}
+
+
+def get_attention_impl() -> str:
+    """Name of the attention backend used by every network in this project."""
+    return _attention['impl']
+
+
+def set_attention_impl(impl: str) -> None:
+    """Select the attention backend globally: 'sdpa' (default) or 'reference' (einsum math)."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f'attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}')
+    _attention['impl'] = impl
+
+
+@contextlib.contextmanager
+def attention_impl(impl: str) -> Iterator[None]:
+    """Context manager that temporarily switches the attention backend."""
+    previous = get_attention_impl()
+    set_attention_impl(impl)
+    try:
+        yield
+    finally:
+        set_attention_impl(previous)
+
+
+class _FP32AttentionWeights(torch.autograd.Function):
+    """softmax(q^T k / sqrt(C)) computed in float32 while keeping q, k in their own dtype (EDM)."""
+
+    @staticmethod
+    def forward(ctx, q, k):
+        scale = 1 / np.sqrt(k.shape[-2])
+        logits = torch.einsum('...cq,...ck->...qk', q.to(torch.float32), (k * scale).to(torch.float32))
+        weights = logits.softmax(dim=-1).to(q.dtype)
+        ctx.save_for_backward(q, k, weights)
+        return weights
+
+    @staticmethod
+    def backward(ctx, grad_weights):
+        q, k, weights = ctx.saved_tensors
+        w = weights.to(torch.float32)
+        g = grad_weights.to(torch.float32)
+        grad_logits = w * (g - (g * w).sum(dim=-1, keepdim=True))  # softmax Jacobian-vector product
+        scale = 1 / np.sqrt(k.shape[-2])
+        grad_q = torch.einsum('...ck,...qk->...cq', k.to(torch.float32), grad_logits).to(q.dtype) * scale
+        grad_k = torch.einsum('...cq,...qk->...ck', q.to(torch.float32), grad_logits).to(k.dtype) * scale
+        return grad_q, grad_k
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp32_weights: bool = True) -> torch.Tensor:
+    """Dot-product self-attention softmax(q^T k / sqrt(C)) v over [..., C, L] tensors (Vaswani et al.)."""
+    if _attention['impl'] == 'sdpa':
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return out.transpose(-1, -2)
+    if fp32_weights:
+        weights = _FP32AttentionWeights.apply(q, k)
+    else:
+        weights = torch.einsum('...cq,...ck->...qk', q, k / np.sqrt(q.shape[-2])).softmax(dim=-1)
+    return torch.einsum('...qk,...ck->...cq', weights, v)
+
+#----------------------------------------------------------------------------
+# Weight initialization (EDM Appendix F.2: Glorot/He, uniform or normal).
+
+INIT_MODES = ('xavier_uniform', 'xavier_normal', 'kaiming_uniform', 'kaiming_normal')
+
+
+def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
+    """Random tensor with Xavier (Glorot) or Kaiming (He) variance for the given fans."""
+    if mode not in INIT_MODES:
+        raise ValueError(f'init_mode must be one of {INIT_MODES}, got {mode!r}')
+    fan = (fan_in + fan_out) / 2 if mode.startswith('xavier') else fan_in  # Kaiming here has unit gain
+    if mode.endswith('uniform'):
+        return np.sqrt(3 / fan) * (torch.rand(*shape) * 2 - 1)
+    return np.sqrt(1 / fan) * torch.randn(*shape)
+
+#----------------------------------------------------------------------------
+
+@persistence.persistent_class
+class Linear(torch.nn.Module):
+    """Fully-connected layer y = x W^T + b with EDM initialization."""
+
+    def __init__(self,
+        in_features:    int,                        # Input dimensionality.
+        out_features:   int,                        # Output dimensionality.
+        bias:           bool    = True,             # Add a learned bias?
+        init_mode:      str     = 'kaiming_normal', # One of INIT_MODES.
+        init_weight:    float   = 1,                # Multiplier for the initial weight.
+        init_bias:      float   = 0,                # Multiplier for the initial bias.
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
+        self.weight = torch.nn.Parameter(weight_init([out_features, in_features], **fans) * init_weight)
+        self.bias = torch.nn.Parameter(weight_init([out_features], **fans) * init_bias) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+#----------------------------------------------------------------------------
+
+def _resample_kernel(resample_filter: Sequence[float]) -> torch.Tensor:
+    f = torch.as_tensor(resample_filter, dtype=torch.float32)
+    return (torch.outer(f, f) / f.sum().square()).reshape(1, 1, len(f), len(f))
+
+
+@persistence.persistent_class
+class Conv2d(torch.nn.Module):
+    """2D convolution with optional FIR up/downsampling (Song et al. 2021 resampling, EDM App. F.2)."""
+
+    def __init__(self,
+        in_channels:        int,                        # Input channels.
+        out_channels:       int,                        # Output channels.
+        kernel:             int,                        # Kernel size; 0 = resample only, no weight.
+        bias:               bool    = True,             # Add a learned bias?
+        up:                 bool    = False,            # Upsample 2x before the convolution?
+        down:               bool    = False,            # Downsample 2x before the convolution?
+        resample_filter:    Sequence[float] = (1, 1),   # 1D FIR filter, [1,1] = box, [1,3,3,1] = bilinear.
+        fused_resample:     bool    = False,            # Merge resampling into the convolution (padding differs).
+        init_mode:          str     = 'kaiming_normal', # One of INIT_MODES.
+        init_weight:        float   = 1,                # Multiplier for the initial weight.
+        init_bias:          float   = 0,                # Multiplier for the initial bias.
+    ):
+        if up and down:
+            raise ValueError('Conv2d: up and down cannot both be True')
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.up = up
+        self.down = down
+        self.fused_resample = fused_resample
+        fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
+        self.weight = torch.nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **fans) * init_weight) if kernel else None
+        self.bias = torch.nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
+        self.register_buffer('resample_filter', _resample_kernel(resample_filter) if up or down else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype) if self.weight is not None else None
+        f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
+        w_pad = w.shape[-1] // 2 if w is not None else 0
+        f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
+        conv, conv_t = torch.nn.functional.conv2d, torch.nn.functional.conv_transpose2d
+
+        if self.fused_resample and self.up and w is not None:
+            x = conv_t(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=w_pad + f_pad)
+            x = conv(x, w)
+        elif self.fused_resample and self.down and w is not None:
+            x = conv(x, w, padding=w_pad + f_pad)
+            x = conv(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
+        else:
+            if self.up:
+                x = conv_t(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
+            if self.down:
+                x = conv(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
+            if w is not None:
+                x = conv(x, w, padding=w_pad)
+        if self.bias is not None:
+            x = x.add_(self.bias.to(x.dtype).reshape(1, -1, 1, 1))
+        return x
+
+#----------------------------------------------------------------------------
+
+@persistence.persistent_class
+class GroupNorm(torch.nn.Module):
+    """Group normalization (Wu & He 2018) with the group count capped by channels per group."""
+
+    def __init__(self,
+        num_channels:           int,            # Channels to normalize.
+        num_groups:             int     = 32,   # Upper bound on the number of groups.
+        min_channels_per_group: int     = 4,    # Fewer groups if channels per group would drop below this.
+        eps:                    float   = 1e-5, # Added to the variance.
+    ):
+        super().__init__()
+        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(num_channels))
+        self.bias = torch.nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.group_norm(x, num_groups=self.num_groups,
+            weight=self.weight.to(x.dtype), bias=self.bias.to(x.dtype), eps=self.eps)
+
+#----------------------------------------------------------------------------
+
+@persistence.persistent_class
+class UNetBlock(torch.nn.Module):
+    """Residual U-Net block with optional resampling and self-attention; the union of DDPM++, NCSN++ and ADM blocks (EDM Table 7)."""
+
+    def __init__(self,
+        in_channels:        int,                            # Input channels.
+        out_channels:       int,                            # Output channels.
+        emb_channels:       int,                            # Embedding vector dimensionality.
+        up:                 bool    = False,                # Upsample 2x?
+        down:               bool    = False,                # Downsample 2x?
+        attention:          bool    = False,                # Append a self-attention layer?
+        num_heads:          int     = None,                 # Attention heads; None = out_channels // channels_per_head.
+        channels_per_head:  int     = 64,                   # Used when num_heads is None.
+        dropout:            float   = 0,                    # Dropout probability before conv1.
+        skip_scale:         float   = 1,                    # Scale applied after each residual sum.
+        eps:                float   = 1e-5,                 # GroupNorm epsilon.
+        resample_filter:    Sequence[float] = (1, 1),       # FIR filter for up/downsampling.
+        resample_proj:      bool    = False,                # 1x1 conv on the skip path even when channels match?
+        adaptive_scale:     bool    = True,                 # Embedding gives scale and shift (ADM) instead of a bias (DDPM++).
+        init:               dict    = None,                 # Init kwargs for most layers; None = {}.
+        init_zero:          dict    = None,                 # Init kwargs for the last layer of each branch; None = zero weights.
+        init_attn:          dict    = None,                 # Init kwargs for qkv; None = same as `init`.
+    ):
+        super().__init__()
+        init = dict(init) if init is not None else {}
+        init_zero = dict(init_zero) if init_zero is not None else dict(init_weight=0)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.emb_channels = emb_channels
+        self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
+        self.dropout = dropout
+        self.skip_scale = skip_scale
+        self.adaptive_scale = adaptive_scale
+
+        self.norm0 = GroupNorm(num_channels=in_channels, eps=eps)
+        self.conv0 = Conv2d(in_channels, out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init)
+        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
+        self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)
+        self.conv1 = Conv2d(out_channels, out_channels, kernel=3, **init_zero)
+
+        self.skip = None
+        if out_channels != in_channels or up or down:
+            kernel = 1 if resample_proj or out_channels != in_channels else 0
+            self.skip = Conv2d(in_channels, out_channels, kernel=kernel, up=up, down=down, resample_filter=resample_filter, **init)
+
+        if self.num_heads:
+            self.norm2 = GroupNorm(num_channels=out_channels, eps=eps)
+            self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init))
+            self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        orig = x
+        x = self.conv0(silu(self.norm0(x)))
+
+        params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
+        if self.adaptive_scale:
+            scale, shift = params.chunk(chunks=2, dim=1)
+            x = silu(torch.addcmul(shift, self.norm1(x), scale + 1))
+        else:
+            x = silu(self.norm1(x.add_(params)))
+
+        x = self.conv1(torch.nn.functional.dropout(x, p=self.dropout, training=self.training))
+        x = x.add_(self.skip(orig) if self.skip is not None else orig)
+        x = x * self.skip_scale
+
+        if self.num_heads:
+            # Channel layout of qkv is [head, channel, (q,k,v)], as in the reference checkpoints.
+            q, k, v = self.qkv(self.norm2(x)).reshape(x.shape[0] * self.num_heads, x.shape[1] // self.num_heads, 3, -1).unbind(2)
+            a = attention(q, k, v, fp32_weights=True)
+            x = self.proj(a.reshape(*x.shape)).add_(x)
+            x = x * self.skip_scale
+        return x
+
+#----------------------------------------------------------------------------
+
+@persistence.persistent_class
+class PositionalEmbedding(torch.nn.Module):
+    """Sinusoidal timestep embedding [cos(x f), sin(x f)] of DDPM++ and ADM (Vaswani et al. 2017)."""
+
+    def __init__(self,
+        num_channels:   int,            # Output dimensionality (cos half + sin half).
+        max_positions:  int     = 10000,# Lowest frequency is 1 / max_positions.
+        endpoint:       bool    = False,# Include the lowest frequency exactly?
+    ):
+        super().__init__()
+        self.num_channels = num_channels
+        self.max_positions = max_positions
+        self.endpoint = endpoint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = self.num_channels // 2
+        freqs = torch.arange(start=0, end=half, dtype=torch.float32, device=x.device)
+        freqs = (1 / self.max_positions) ** (freqs / (half - (1 if self.endpoint else 0)))
+        x = torch.outer(x, freqs.to(x.dtype))
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+@persistence.persistent_class
+class FourierEmbedding(torch.nn.Module):
+    """Random Fourier feature timestep embedding of NCSN++ (Tancik et al. 2020)."""
+
+    def __init__(self,
+        num_channels:   int,            # Output dimensionality (cos half + sin half).
+        scale:          float   = 16,   # Standard deviation of the random frequencies.
+    ):
+        super().__init__()
+        self.register_buffer('freqs', torch.randn(num_channels // 2) * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.outer(x, (2 * np.pi * self.freqs).to(x.dtype))
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+#----------------------------------------------------------------------------
+# Shared pieces of the two EDM backbones.
+
+def _drop_labels(labels: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    # Zero whole label vectors with probability p, for classifier-free guidance.
+    if not training or not p:
+        return labels
+    keep = torch.rand([labels.shape[0], 1], device=labels.device) >= p
+    return labels * keep.to(labels.dtype)
+
+
+def _check_backbone_inputs(net, x, noise_labels, class_labels, augment_labels) -> None:
+    check_shape('x', x, [None, net.in_channels, net.img_resolution, net.img_resolution])
+    check_shape('noise_labels', noise_labels, [None])
+    check_batch('noise_labels', noise_labels, x.shape[0])
+    if net.map_label is not None:
+        check_shape('class_labels', class_labels, [None, net.map_label.in_features])
+        check_batch('class_labels', class_labels, x.shape[0])
+    if net.map_augment is not None and augment_labels is not None:
+        check_shape('augment_labels', augment_labels, [x.shape[0], net.map_augment.in_features])
+
+#----------------------------------------------------------------------------
+
+EMBEDDING_TYPES = ('positional', 'fourier')
+ENCODER_TYPES = ('standard', 'skip', 'residual')
+DECODER_TYPES = ('standard', 'skip')
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f'{name} must be one of {choices}, got {value!r}')
+
+
+@persistence.persistent_class
+class SongUNet(torch.nn.Module):
+    """DDPM++ and NCSN++ backbones of Song et al. 2021, as configured in EDM (Table 7, configs A-F)."""
+
+    def __init__(self,
+        img_resolution:     int,                            # Image resolution at input and output.
+        in_channels:        int,                            # Color channels at input.
+        out_channels:       int,                            # Color channels at output.
+        label_dim:          int     = 0,                    # Number of class labels; 0 = unconditional.
+        augment_dim:        int     = 0,                    # Augmentation label dimensionality; 0 = no augmentation.
+        model_channels:     int     = 128,                  # Base multiplier for the number of channels.
+        channel_mult:       Sequence[int] = (1, 2, 2, 2),   # Per-resolution channel multipliers.
+        channel_mult_emb:   int     = 4,                    # Embedding dimensionality = model_channels * this.
+        num_blocks:         int     = 4,                    # Residual blocks per resolution.
+        attn_resolutions:   Sequence[int] = (16,),          # Resolutions that get self-attention.
+        dropout:            float   = 0.10,                 # Dropout probability inside the blocks.
+        label_dropout:      float   = 0,                    # Probability of dropping the class label during training.
+        embedding_type:     str     = 'positional',         # 'positional' (DDPM++) or 'fourier' (NCSN++).
+        channel_mult_noise: int     = 1,                    # Noise embedding size multiplier: 1 (DDPM++), 2 (NCSN++).
+        encoder_type:       str     = 'standard',           # 'standard' (DDPM++), 'skip' or 'residual' (NCSN++).
+        decoder_type:       str     = 'standard',           # 'standard' or 'skip'.
+        resample_filter:    Sequence[float] = (1, 1),       # [1,1] (DDPM++) or [1,3,3,1] (NCSN++).
+    ):
+        _check_choice('embedding_type', embedding_type, EMBEDDING_TYPES)
+        _check_choice('encoder_type', encoder_type, ENCODER_TYPES)
+        _check_choice('decoder_type', decoder_type, DECODER_TYPES)
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.in_channels = in_channels
+        self.label_dropout = label_dropout
+        emb_channels = model_channels * channel_mult_emb
+        noise_channels = model_channels * channel_mult_noise
+        init = dict(init_mode='xavier_uniform')
+        init_zero = dict(init_mode='xavier_uniform', init_weight=1e-5)
+        init_attn = dict(init_mode='xavier_uniform', init_weight=np.sqrt(0.2))
+        block_kwargs = dict(
+            emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=np.sqrt(0.5), eps=1e-6,
+            resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
+            init=init, init_zero=init_zero, init_attn=init_attn,
+        )
+
+        # Mapping network.
+        if embedding_type == 'positional':
+            self.map_noise = PositionalEmbedding(num_channels=noise_channels, endpoint=True)
+        else:
+            self.map_noise = FourierEmbedding(num_channels=noise_channels)
+        self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
+        self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
+        self.map_layer0 = Linear(noise_channels, emb_channels, **init)
+        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
+
+        self.enc = torch.nn.ModuleDict()
+        self._build_encoder(img_resolution, in_channels, model_channels, channel_mult, num_blocks,
+            attn_resolutions, encoder_type, resample_filter, init, block_kwargs)
+        skips = [block.out_channels for name, block in self.enc.items() if 'aux' not in name]
+        self.dec = torch.nn.ModuleDict()
+        self._build_decoder(img_resolution, out_channels, model_channels, channel_mult, num_blocks,
+            attn_resolutions, decoder_type, resample_filter, init_zero, block_kwargs, skips)
+
+    def _build_encoder(self, img_resolution, in_channels, model_channels, channel_mult, num_blocks,
+            attn_resolutions, encoder_type, resample_filter, init, block_kwargs):
+        cout = in_channels
+        caux = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, model_channels
+                self.enc[f'{res}x{res}_conv'] = Conv2d(cin, cout, kernel=3, **init)
+            else:
+                self.enc[f'{res}x{res}_down'] = UNetBlock(cout, cout, down=True, **block_kwargs)
+                if encoder_type == 'skip':
+                    self.enc[f'{res}x{res}_aux_down'] = Conv2d(caux, caux, kernel=0, down=True, resample_filter=resample_filter)
+                    self.enc[f'{res}x{res}_aux_skip'] = Conv2d(caux, cout, kernel=1, **init)
+                if encoder_type == 'residual':
+                    self.enc[f'{res}x{res}_aux_residual'] = Conv2d(caux, cout, kernel=3, down=True,
+                        resample_filter=resample_filter, fused_resample=True, **init)
+                    caux = cout
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=(res in attn_resolutions), **block_kwargs)
+
+    def _build_decoder(self, img_resolution, out_channels, model_channels, channel_mult, num_blocks,
+            attn_resolutions, decoder_type, resample_filter, init_zero, block_kwargs, skips):
+        cout = skips[-1]
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f'{res}x{res}_in0'] = UNetBlock(cout, cout, attention=True, **block_kwargs)
+                self.dec[f'{res}x{res}_in1'] = UNetBlock(cout, cout, **block_kwargs)
+            else:
+                self.dec[f'{res}x{res}_up'] = UNetBlock(cout, cout, up=True, **block_kwargs)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                attn = (idx == num_blocks and res in attn_resolutions)  # DDPM++ attends only after the last block
+                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
+            if decoder_type == 'skip' or level == 0:
+                if decoder_type == 'skip' and level < len(channel_mult) - 1:
+                    self.dec[f'{res}x{res}_aux_up'] = Conv2d(out_channels, out_channels, kernel=0, up=True, resample_filter=resample_filter)
+                self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(num_channels=cout, eps=1e-6)
+                self.dec[f'{res}x{res}_aux_conv'] = Conv2d(cout, out_channels, kernel=3, **init_zero)
+
+    def _embed(self, noise_labels, class_labels, augment_labels):
+        emb = self.map_noise(noise_labels)
+        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)  # [sin, cos] order of Song et al.
+        if self.map_label is not None:
+            labels = _drop_labels(class_labels, self.label_dropout, self.training)
+            emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = silu(self.map_layer0(emb))
+        return silu(self.map_layer1(emb))
+
+    def forward(self, x, noise_labels, class_labels, augment_labels=None):
+        _check_backbone_inputs(self, x, noise_labels, class_labels, augment_labels)
+        emb = self._embed(noise_labels, class_labels, augment_labels)
+
+        # Encoder; the aux_* layers carry the downsampled input image (NCSN++ progressive input).
+        skips = []
+        aux = x
+        for name, block in self.enc.items():
+            if 'aux_down' in name:
+                aux = block(aux)
+            elif 'aux_skip' in name:
+                x = skips[-1] = x + block(aux)
+            elif 'aux_residual' in name:
+                x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
+            else:
+                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                skips.append(x)
+
+        # Decoder; the aux_* layers accumulate the output image (progressive output).
+        aux = None
+        tmp = None
+        for name, block in self.dec.items():
+            if 'aux_up' in name:
+                aux = block(aux)
+            elif 'aux_norm' in name:
+                tmp = block(x)
+            elif 'aux_conv' in name:
+                tmp = block(silu(tmp))
+                aux = tmp if aux is None else tmp + aux
+            else:
+                if x.shape[1] != block.in_channels:
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = block(x, emb)
+        return aux
+
+#----------------------------------------------------------------------------
+
+@persistence.persistent_class
+class DhariwalUNet(torch.nn.Module):
+    """ADM backbone of Dhariwal & Nichol 2021, as configured in EDM (Table 7)."""
+
+    def __init__(self,
+        img_resolution:     int,                            # Image resolution at input and output.
+        in_channels:        int,                            # Color channels at input.
+        out_channels:       int,                            # Color channels at output.
+        label_dim:          int     = 0,                    # Number of class labels; 0 = unconditional.
+        augment_dim:        int     = 0,                    # Augmentation label dimensionality; 0 = no augmentation.
+        model_channels:     int     = 192,                  # Base multiplier for the number of channels.
+        channel_mult:       Sequence[int] = (1, 2, 3, 4),   # Per-resolution channel multipliers.
+        channel_mult_emb:   int     = 4,                    # Embedding dimensionality = model_channels * this.
+        num_blocks:         int     = 3,                    # Residual blocks per resolution.
+        attn_resolutions:   Sequence[int] = (32, 16, 8),    # Resolutions that get self-attention.
+        dropout:            float   = 0.10,                 # Dropout probability inside the blocks.
+        label_dropout:      float   = 0,                    # Probability of dropping the class label during training.
+    ):
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.in_channels = in_channels
+        self.label_dropout = label_dropout
+        emb_channels = model_channels * channel_mult_emb
+        init = dict(init_mode='kaiming_uniform', init_weight=np.sqrt(1 / 3), init_bias=np.sqrt(1 / 3))
+        init_zero = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)
+        block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero)
+
+        # Mapping network.
+        self.map_noise = PositionalEmbedding(num_channels=model_channels)
+        self.map_augment = Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
+        self.map_layer0 = Linear(model_channels, emb_channels, **init)
+        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
+        self.map_label = Linear(label_dim, emb_channels, bias=False, init_mode='kaiming_normal',
+            init_weight=np.sqrt(label_dim)) if label_dim else None
+
+        # Encoder.
+        self.enc = torch.nn.ModuleDict()
+        cout = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, model_channels * mult
+                self.enc[f'{res}x{res}_conv'] = Conv2d(cin, cout, kernel=3, **init)
+            else:
+                self.enc[f'{res}x{res}_down'] = UNetBlock(cout, cout, down=True, **block_kwargs)
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=(res in attn_resolutions), **block_kwargs)
+        skips = [block.out_channels for block in self.enc.values()]
+
+        # Decoder.
+        self.dec = torch.nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f'{res}x{res}_in0'] = UNetBlock(cout, cout, attention=True, **block_kwargs)
+                self.dec[f'{res}x{res}_in1'] = UNetBlock(cout, cout, **block_kwargs)
+            else:
+                self.dec[f'{res}x{res}_up'] = UNetBlock(cout, cout, up=True, **block_kwargs)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=(res in attn_resolutions), **block_kwargs)
+        self.out_norm = GroupNorm(num_channels=cout)
+        self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
+
+    def _embed(self, noise_labels, class_labels, augment_labels):
+        emb = self.map_noise(noise_labels)
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = silu(self.map_layer0(emb))
+        emb = self.map_layer1(emb)
+        if self.map_label is not None:
+            emb = emb + self.map_label(_drop_labels(class_labels, self.label_dropout, self.training))
+        return silu(emb)
+
+    def forward(self, x, noise_labels, class_labels, augment_labels=None):
+        _check_backbone_inputs(self, x, noise_labels, class_labels, augment_labels)
+        emb = self._embed(noise_labels, class_labels, augment_labels)
+        skips = []
+        for block in self.enc.values():
+            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            skips.append(x)
+        for block in self.dec.values():
+            if x.shape[1] != block.in_channels:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = block(x, emb)
+        return self.out_conv(silu(self.out_norm(x)))
+
+#----------------------------------------------------------------------------
+# Reference pickles and configs name the wrappers `training.networks.<Name>Precond`; they live in
+# training/preconditioning.py. Resolved on first access (PEP 562) rather than imported here: the
+# reference code executes this file's source from pickles, where that module does not exist.
+
+PRECOND_CLASSES = ('VPPrecond', 'VEPrecond', 'iDDPMPrecond', 'EDMPrecond')
+
+
+def __getattr__(name: str):
+    if name in PRECOND_CLASSES:
+        import importlib
+        return getattr(importlib.import_module('training.preconditioning'), name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
