@@ -1,0 +1,158 @@
+"""Presets and build_config (pure), reference-format kwargs, and train.py through CliRunner:
+--dry-run, a tiny run, and one clear error line (exit 1, nothing written) for bad input."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import train
+from tests.test_train import cifar, one_thread  # noqa: F401  (module fixtures)
+from torch_utils import distributed as dist
+from training import training_loop as tl
+from training.presets import PRESETS, build_config, check_batch, from_json, to_json
+
+#----------------------------------------------------------------------------
+# Presets.
+
+
+@pytest.mark.parametrize('name,channels,lr,decay,dropout,P_mean,P_std,duration_Mi', [
+    ('edm2-img512-xxs', 64,  0.0170, 70000, 0.00, -0.4, 1.0, 2048),
+    ('edm2-img512-s',   192, 0.0100, 70000, 0.00, -0.4, 1.0, 2048),
+    ('edm2-img512-xxl', 448, 0.0065, 70000, 0.10, -0.4, 1.0, 896),
+    ('edm2-img64-s',    192, 0.0100, 35000, 0.00, -0.8, 1.6, 1024),
+    ('edm2-img64-xl',   384, 0.0070, 35000, 0.10, -0.8, 1.6, 640),
+])
+def test_edm2_presets_match_reference(name, channels, lr, decay, dropout, P_mean, P_std, duration_Mi):
+    cfg = build_config(name)
+    assert (cfg.model_channels, cfg.lr, cfg.lr_decay_batches, cfg.dropout, cfg.P_mean, cfg.P_std) == \
+        (channels, lr, decay, dropout, P_mean, P_std)
+    assert cfg.total_nimg == duration_Mi << 20 and cfg.batch_size == 2048 and cfg.adam_betas == (0.9, 0.99)
+    assert cfg.ema_stds == (0.050, 0.100) and cfg.fp16 and cfg.cond and cfg.augment == 0
+    assert (cfg.status_nimg, cfg.snapshot_nimg, cfg.checkpoint_nimg) == (128 << 10, 8 << 20, 128 << 20)
+    kwargs = tl.network_kwargs(cfg)
+    assert kwargs.class_name == 'training.networks_edm2.Precond' and kwargs.model_channels == channels
+    assert tl.loss_kwargs(cfg) == dict(class_name='training.loss.EDM2Loss', P_mean=P_mean, P_std=P_std)
+
+
+def test_edm_presets_match_reference():
+    cifar_cfg = build_config('edm-cifar10-32x32-cond-vp')
+    assert (cifar_cfg.batch_size, cifar_cfg.lr, cifar_cfg.dropout, cifar_cfg.augment, cifar_cfg.ema_halflife_Mimg) == \
+        (512, 1e-3, 0.13, 0.12, 0.5)
+    assert cifar_cfg.total_nimg == 200_000_000 and cifar_cfg.cond and cifar_cfg.lr_rampup_Mimg == 10
+    net = tl.network_kwargs(cifar_cfg)
+    assert net == dict(class_name='training.networks.EDMPrecond', model_type='SongUNet', embedding_type='positional',
+                       encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
+                       model_channels=128, channel_mult=[2, 2, 2], augment_dim=9, dropout=0.13, use_fp16=False)
+    assert tl.augment_kwargs(cifar_cfg) == dict(class_name='training.augment.AugmentPipe', p=0.12, xflip=1e8, yflip=1,
+                                                scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+    assert tl.network_kwargs(build_config('edm-cifar10-32x32-uncond-ve')).embedding_type == 'fourier'
+    assert build_config('edm-ffhq-64x64-uncond-vp').dropout == 0.05
+    afhq = build_config('edm-afhqv2-64x64-uncond-ve')
+    assert (afhq.dropout, afhq.batch_size, afhq.lr, afhq.augment, afhq.channel_mult) == (0.25, 256, 2e-4, 0.15, (1, 2, 2, 2))
+    imagenet = build_config('edm-imagenet-64x64-cond-adm')
+    assert (imagenet.batch_size, imagenet.lr, imagenet.ema_halflife_Mimg, imagenet.loss_scaling, imagenet.fp16) == \
+        (4096, 1e-4, 50, 100, True)
+    assert (imagenet.model_channels, imagenet.channel_mult, imagenet.augment) == (192, (1, 2, 3, 4), 0)
+
+
+def test_build_config_overrides_and_errors():
+    cfg = build_config('tiny-edm', lr=None, batch_size=64, precond='vp', channel_mult=[1, 1])
+    assert cfg.lr == PRESETS['tiny-edm'].lr and cfg.batch_size == 64 and cfg.channel_mult == (1, 1)
+    assert tl.network_kwargs(cfg).class_name == 'training.networks.VPPrecond'
+    assert tl.loss_kwargs(cfg) == dict(class_name='training.loss.VPLoss')
+    assert tl.loss_kwargs(build_config('tiny-edm', stf=True)) == \
+        dict(class_name='training.loss.STFLoss', base='edm', rbatch=128)
+    assert build_config('edm-cifar10-32x32-cond-vp', arch='adm').model_channels == 192
+    assert build_config('tiny-edm', arch='edm2').recipe == 'edm2'
+    assert from_json(json.loads(json.dumps(to_json(cfg)))) == cfg
+    for kwargs, match in [(dict(preset='nope'), 'tiny-edm2'), (dict(bogus=1), 'unknown config fields'),
+                          (dict(stf=True, rbatch=8), '--rbatch=8'), (dict(fp16=True, bf16=True), 'mutually exclusive'),
+                          (dict(precond='edm2'), None), (dict(arch='adm', precond='edm2'), 'do not match')]:
+        preset = kwargs.pop('preset', 'tiny-edm')
+        if match is None:
+            assert build_config(preset, **kwargs).recipe == 'edm2'
+            continue
+        with pytest.raises(ValueError, match=match):
+            build_config(preset, **kwargs)
+    with pytest.raises(ValueError, match='--augment'):
+        build_config('tiny-edm2', augment=0.1)
+
+
+def test_check_batch():
+    cfg = build_config('tiny-edm', batch_size=64, batch_gpu=8)
+    assert check_batch(cfg, 1) == (8, 8) and check_batch(cfg, 2) == (8, 4) and check_batch(cfg, 8) == (8, 1)
+    assert check_batch(build_config('tiny-edm', batch_size=64), 4) == (16, 1)
+    with pytest.raises(ValueError, match=r'--batch=64 is not divisible by 3 GPUs x --batch-gpu=8'):
+        check_batch(cfg, 3)
+    with pytest.raises(ValueError, match='--batch-gpu=6'):
+        check_batch(build_config('tiny-edm', batch_size=64, batch_gpu=6), 1)
+
+
+def test_learning_rate_schedule():
+    # EDM: linear ramp-up to lr over 10 Mimg; EDM2: inverse sqrt after t_ref batches (Eq. 67).
+    assert tl.learning_rate_schedule(5_000_000, 512, ref_lr=1e-3, ref_batches=0, rampup_Mimg=10) == pytest.approx(5e-4)
+    assert tl.learning_rate_schedule(0, 2048, ref_lr=0.01, ref_batches=70000, rampup_Mimg=0) == 0.01
+    t = 4 * 70000 * 2048
+    assert tl.learning_rate_schedule(t, 2048, ref_lr=0.01, ref_batches=70000, rampup_Mimg=10) == pytest.approx(0.005)
+
+#----------------------------------------------------------------------------
+# The command line.
+
+
+def invoke(args):
+    return CliRunner().invoke(train.main, args, catch_exceptions=False)
+
+
+def test_parse_nimg():
+    assert train.parse_nimg('128Ki') == 131072 and train.parse_nimg('8Mi') == 8 << 20
+    assert train.parse_nimg('2.5M') == 2_500_000 and train.parse_nimg('200', plain_unit=1e6) == 200_000_000
+    with pytest.raises(Exception, match='not a count'):
+        train.parse_nimg('lots')
+
+
+def test_dry_run_prints_resolved_config():
+    result = invoke(['--preset=edm2-img64-s', '-n', '--batch=1Ki', '--duration=64Mi', '--lr=0.02', '--P_mean=-1',
+                     '--tick=10', '--snap=2', '--ema-stds=0.05,0.1,0.15'])
+    assert result.exit_code == 0, result.output
+    text = result.output.split('Training config:', 1)[1].rsplit('Dry run', 1)[0]
+    cfg = json.loads(text)
+    assert (cfg['batch_size'], cfg['total_nimg'], cfg['lr'], cfg['P_mean']) == (1024, 64 << 20, 0.02, -1)
+    assert (cfg['status_nimg'], cfg['snapshot_nimg'], cfg['ema_stds']) == (10_000, 20_000, [0.05, 0.1, 0.15])
+    assert cfg['model_channels'] == 192 and cfg['recipe'] == 'edm2'
+
+
+def test_cli_trains_and_resumes(cifar, tmp_path, monkeypatch):  # noqa: F811
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    monkeypatch.setattr(dist, '_handlers_installed', False)
+    try:
+        args = ['--preset=tiny-edm', f'--data={cifar["c8"]}', f'--outdir={tmp_path}', '--batch=16', '--status=16']
+        assert invoke(args + ['--duration=0.000032']).exit_code == 0
+        result = invoke(args + ['--duration=0.000064', '--stf', '--rbatch=32'])
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert result.exit_code == 0, result.output
+    assert 'Resuming from' in (tmp_path / 'log.txt').read_text()
+    assert json.loads((tmp_path / 'run_config.json').read_text())['stf'] is True
+    assert torch.load(tl.find_latest_state(str(tmp_path)), weights_only=False)['cur_nimg'] == 64
+
+
+@pytest.mark.parametrize('case', ['missing', 'resolution', 'labels', 'batch'])
+def test_bad_input_gives_one_clear_line(cifar, tmp_path, case):  # noqa: F811
+    outdir = tmp_path / 'run'
+    args = {'missing': [f'--data={tmp_path / "nope"}'],
+            'resolution': [f'--data={cifar["c16"]}', '--preset=edm-cifar10-32x32-uncond-vp'],
+            'labels': [f'--data={cifar["nolabels"]}', '--cond=1'],
+            'batch': [f'--data={cifar["c8"]}', '--batch=30', '--batch-gpu=7']}[case]
+    result = CliRunner().invoke(train.main, ['--preset=tiny-edm', f'--outdir={outdir}'] + args)  # later --preset wins
+    expected = {'missing': 'dataset not found', 'resolution': 'holds 16x16 images, but --preset=edm-cifar10-32x32-uncond-vp trains at 32x32',
+                'labels': '--cond=True, but', 'batch': '--batch=30 is not divisible by 1 GPUs x --batch-gpu=7'}[case]
+    assert result.exit_code == 1
+    error_lines = [line for line in result.output.splitlines() if line.startswith('Error:')]
+    assert len(error_lines) == 1 and expected in error_lines[0], result.output
+    assert 'Traceback' not in result.output
+    assert not os.path.exists(outdir)

@@ -1,0 +1,541 @@
+"""One training loop for the EDM and EDM2 recipes: setup -> step -> maintenance.
+
+EDM recipe (Karras et al. 2022): Adam, linear learning-rate ramp-up, EMA with a
+half-life in Mimg and ramp-up, optional non-leaking augmentation.
+EDM2 recipe (Karras et al. 2024): Adam(0.9, 0.99), inverse-square-root decay
+(EDM2 Eq. 67), forced weight normalisation in the network, post-hoc power-function
+EMA (EDM2 Sec. 3), latents from an encoder.
+
+Every step reseeds the RNG from (seed, rank, cur_nimg) and the data sampler starts
+at cur_nimg, so rerunning a command continues exactly where the last training state
+stopped. Rank 0 writes every file, atomically.
+"""
+
+import copy
+import json
+import logging
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import psutil
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from torch_utils import misc
+from torch_utils import persistence
+from torch_utils import training_stats
+from training.loss import EDM2Loss  # noqa: F401  (reference pickles name training.training_loop.EDM2Loss)
+from training.presets import TrainConfig, check_batch, to_json
+
+STATE_FORMAT_VERSION = 1
+logger = logging.getLogger('edm.training')
+
+
+class NonFiniteLossError(dnnlib.util.UserError):
+    """The training loss became NaN or Inf."""
+
+#----------------------------------------------------------------------------
+# Schedules and seeds.
+
+
+def learning_rate_schedule(cur_nimg, batch_size, ref_lr=100e-4, ref_batches=70e3, rampup_Mimg=10):
+    """alpha_ref / sqrt(max(t / t_ref, 1)) with a linear ramp-up (EDM2 Eq. 67; EDM: no decay)."""
+    lr = ref_lr
+    if ref_batches > 0:
+        lr /= np.sqrt(max(cur_nimg / (ref_batches * batch_size), 1))
+    if rampup_Mimg > 0:
+        lr *= min(cur_nimg / (rampup_Mimg * 1e6), 1)
+    return lr
+
+
+def step_seed(seed: int, rank: int, cur_nimg: int) -> int:
+    """RNG seed of one training step, a pure function of (seed, rank, cur_nimg)."""
+    return int(np.random.SeedSequence([seed, rank, cur_nimg]).generate_state(1)[0])
+
+#----------------------------------------------------------------------------
+# Reference-format keyword dicts (written to training_options.json).
+
+_SONG_UNET = {
+    'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
+                   channel_mult_noise=1, resample_filter=[1, 1]),
+    'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
+                   channel_mult_noise=2, resample_filter=[1, 3, 3, 1]),
+    'adm':    dict(model_type='DhariwalUNet'),
+}
+_PRECOND_CLASSES = {'vp': 'VPPrecond', 've': 'VEPrecond', 'edm': 'EDMPrecond'}
+_LOSS_CLASSES = {'vp': 'VPLoss', 've': 'VELoss', 'edm': 'EDMLoss', 'edm2': 'EDM2Loss'}
+
+
+def network_kwargs(cfg: TrainConfig) -> dnnlib.EasyDict:
+    """Network constructor kwargs as EDM train.py / EDM2 train_edm2.py build them."""
+    if cfg.arch == 'edm2':
+        kwargs = dnnlib.EasyDict(class_name='training.networks_edm2.Precond', model_channels=cfg.model_channels,
+                                 dropout=cfg.dropout)
+    else:
+        kwargs = dnnlib.EasyDict(class_name=f'training.networks.{_PRECOND_CLASSES[cfg.precond]}', **_SONG_UNET[cfg.arch])
+        kwargs.update(model_channels=cfg.model_channels)
+    kwargs.channel_mult = list(cfg.channel_mult)
+    if cfg.num_blocks is not None:
+        kwargs.num_blocks = cfg.num_blocks
+    if cfg.attn_resolutions is not None:
+        kwargs.attn_resolutions = list(cfg.attn_resolutions)
+    if cfg.arch != 'edm2':
+        if cfg.augment > 0:
+            kwargs.augment_dim = 9
+        kwargs.dropout = cfg.dropout
+    if cfg.precond in ('edm', 'edm2') and cfg.sigma_data != 0.5:
+        kwargs.sigma_data = cfg.sigma_data
+    kwargs.use_fp16 = cfg.fp16
+    return kwargs
+
+
+def loss_kwargs(cfg: TrainConfig) -> dnnlib.EasyDict:
+    """Loss constructor kwargs; STF wraps the loss of the chosen preconditioning."""
+    kwargs = dnnlib.EasyDict()
+    if cfg.precond in ('edm', 'edm2'):
+        kwargs.update({k: getattr(cfg, k) for k in ('P_mean', 'P_std') if getattr(cfg, k) is not None})
+        if cfg.sigma_data != 0.5:
+            kwargs.sigma_data = cfg.sigma_data
+    if cfg.stf:
+        return dnnlib.EasyDict(class_name='training.loss.STFLoss', base=cfg.precond, rbatch=cfg.rbatch, **kwargs)
+    return dnnlib.EasyDict(class_name=f'training.loss.{_LOSS_CLASSES[cfg.precond]}', **kwargs)
+
+
+def augment_kwargs(cfg: TrainConfig) -> dnnlib.EasyDict | None:
+    """The EDM augmentation setup (train.py): p = --augment, 9-dim augment labels."""
+    if cfg.augment <= 0:
+        return None
+    return dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=cfg.augment, xflip=1e8, yflip=1, scale=1,
+                           rotate_frac=1, aniso=1, translate_frac=1)
+
+
+def optimizer_kwargs(cfg: TrainConfig) -> dnnlib.EasyDict:
+    """Adam as in the references (EDM: betas 0.9/0.999, EDM2: 0.9/0.99)."""
+    return dnnlib.EasyDict(class_name='torch.optim.Adam', lr=cfg.lr, betas=list(cfg.adam_betas), eps=1e-8)
+
+
+def dataset_kwargs(cfg: TrainConfig) -> dnnlib.EasyDict:
+    """ImageFolderDataset kwargs (resolution and max_size are filled in once the data is opened)."""
+    return dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=cfg.data, use_labels=cfg.cond,
+                           xflip=cfg.xflip, cache=cfg.cache)
+
+#----------------------------------------------------------------------------
+# Setup.
+
+
+def open_dataset(cfg: TrainConfig):
+    """Open and check the dataset; (dataset, reference dataset_kwargs). ValueError names the flag."""
+    if not cfg.data:
+        raise ValueError('--data is required: pass a dataset folder or .zip made by dataset_tool.py')
+    kwargs = dataset_kwargs(cfg)
+    try:
+        dataset = dnnlib.util.construct_class_by_name(**kwargs)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f'--data={cfg.data}: {err}') from None
+    except (OSError, ValueError) as err:
+        raise ValueError(f'--data={cfg.data}: {err}') from None
+    if cfg.resolution is not None and dataset.resolution != cfg.resolution:
+        raise ValueError(f'--data={cfg.data} holds {dataset.resolution}x{dataset.resolution} images, but '
+                         f'--preset={cfg.preset} trains at {cfg.resolution}x{cfg.resolution}; '
+                         f'convert the data with dataset_tool.py --resolution or pick a matching preset')
+    if cfg.cond and not dataset.has_labels:
+        raise ValueError(f'--cond=True, but --data={cfg.data} has no labels in dataset.json; use --cond=False')
+    kwargs.resolution = dataset.resolution
+    kwargs.max_size = len(dataset)
+    return dataset, kwargs
+
+
+def make_encoder(cfg: TrainConfig, dataset):
+    """EDM2: RGB pixels (3 channels) or SD-VAE latent statistics (8 channels); EDM: None (pixels)."""
+    if cfg.recipe != 'edm2':
+        return None, None
+    names = {3: 'training.encoders.StandardRGBEncoder', 8: 'training.encoders.StabilityVAEEncoder'}
+    if dataset.num_channels not in names:
+        raise ValueError(f'--data={cfg.data}: unsupported channel count {dataset.num_channels} '
+                         f'(EDM2 needs 3 for RGB or 8 for VAE latents)')
+    kwargs = dnnlib.EasyDict(class_name=names[dataset.num_channels])
+    return dnnlib.util.construct_class_by_name(**kwargs), kwargs
+
+
+def _init_runtime(cfg: TrainConfig, device: torch.device) -> None:
+    """Seeds, TF32 policy (off, as in the references) and determinism."""
+    torch.manual_seed(step_seed(cfg.seed, dist.get_rank(), 0))
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+
+
+def _init_logging(run_dir: str) -> None:
+    """log.txt (append) and stdout on rank 0; silence on other ranks."""
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    _close_logging()
+    if dist.get_rank() == 0:
+        formatter = logging.Formatter('%(message)s')
+        for handler in (logging.FileHandler(os.path.join(run_dir, 'log.txt'), mode='a'), logging.StreamHandler(sys.stdout)):
+            handler.setFormatter(formatter)
+            logger.addHandler(handler)
+
+
+def _close_logging() -> None:
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def _write_json(path: str, data) -> None:
+    with dnnlib.util.atomic_write(path, 'wt') as f:
+        json.dump(data, f, indent=2)
+
+
+def setup(cfg: TrainConfig, run_dir: str, device: torch.device) -> dnnlib.EasyDict:
+    """Everything the loop needs, in an EasyDict: data, networks, optimizer, EMA, restored state."""
+    ctx = dnnlib.EasyDict(cfg=cfg, run_dir=run_dir, device=device, rank=dist.get_rank(), world=dist.get_world_size())
+    ctx.batch_gpu, ctx.rounds = check_batch(cfg, ctx.world)
+    if cfg.stf and cfg.rbatch // ctx.world < cfg.batch_size // ctx.world:
+        raise ValueError(f'--rbatch={cfg.rbatch} must be at least --batch={cfg.batch_size}')
+    _init_runtime(cfg, device)
+    ctx.dataset, ctx.dataset_kwargs = open_dataset(cfg)
+    ctx.encoder, ctx.encoder_kwargs = make_encoder(cfg, ctx.dataset)
+    if ctx.rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+    dist.barrier()
+    _init_logging(run_dir)
+    _build_modules(ctx)
+    ctx.update(cur_nimg=0, total_elapsed_time=0.0, bad_loss=torch.zeros([], dtype=torch.bool, device=device))
+    ctx.state_path = _restore(ctx)
+    ctx.options = dnnlib.EasyDict(
+        dataset_kwargs=ctx.dataset_kwargs, encoder_kwargs=ctx.encoder_kwargs, network_kwargs=network_kwargs(cfg),
+        loss_kwargs=loss_kwargs(cfg), optimizer_kwargs=optimizer_kwargs(cfg), augment_kwargs=augment_kwargs(cfg),
+        seed=cfg.seed, batch_size=cfg.batch_size, batch_gpu=cfg.batch_gpu, total_nimg=cfg.total_nimg)
+    if ctx.rank == 0:
+        _write_json(os.path.join(run_dir, 'training_options.json'), ctx.options)
+        _write_json(os.path.join(run_dir, 'run_config.json'), to_json(cfg))
+    _make_iterators(ctx)
+    return ctx
+
+
+def _build_modules(ctx) -> None:
+    """Network (+ compile, DDP), loss, augmentation, optimizer and EMA."""
+    cfg, device = ctx.cfg, ctx.device
+    image, _label = ctx.dataset[0]
+    image = torch.as_tensor(image).to(device).unsqueeze(0)
+    if ctx.encoder is not None:
+        image = ctx.encoder.encode_latents(image)
+    interface = dict(img_resolution=image.shape[-1], img_channels=image.shape[1], label_dim=ctx.dataset.label_dim)
+    net = dnnlib.util.construct_class_by_name(**network_kwargs(cfg), **interface)
+    net.train().requires_grad_(True).to(device)
+    if ctx.rank == 0:
+        with torch.no_grad():
+            misc.print_module_summary(net, [torch.zeros([ctx.batch_gpu, *image.shape[1:]], device=device),
+                                            torch.ones([ctx.batch_gpu], device=device),
+                                            torch.zeros([ctx.batch_gpu, net.label_dim], device=device)], max_nesting=2)
+    ctx.net = net
+    train_net = torch.compile(net) if cfg.compile else net
+    ctx.ddp = train_net
+    if ctx.world > 1:
+        ctx.ddp = torch.nn.parallel.DistributedDataParallel(train_net, device_ids=[device] if device.type == 'cuda' else None)
+    ctx.loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs(cfg))
+    aug = augment_kwargs(cfg)
+    ctx.augment_pipe = dnnlib.util.construct_class_by_name(**aug) if aug is not None else None
+    opt_kwargs = optimizer_kwargs(cfg)
+    if device.type == 'cuda':
+        opt_kwargs.fused = True
+    ctx.optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **opt_kwargs)
+    if cfg.recipe == 'edm2':
+        from training.phema import PowerFunctionEMA
+        ctx.ema = PowerFunctionEMA(net=net, stds=list(cfg.ema_stds))
+    else:
+        from training.phema import TraditionalEMA
+        rampup = None if (cfg.transfer and not cfg.resume) else cfg.ema_rampup_ratio
+        ctx.ema = TraditionalEMA(net=net, halflife_Mimg=cfg.ema_halflife_Mimg, rampup_ratio=rampup)
+
+
+def find_latest_state(run_dir: str) -> str | None:
+    """Newest training-state-*.pt in run_dir (by the number in its name), or None."""
+    if not os.path.isdir(run_dir):
+        return None
+    found = [(int(m.group(1)), f) for f in os.listdir(run_dir) if (m := re.fullmatch(r'training-state-(\d+)\.pt', f))]
+    return os.path.join(run_dir, max(found)[1]) if found else None
+
+
+def _restore(ctx) -> str | None:
+    """Resume from the newest state in the run dir, else --resume, else --transfer weights."""
+    cfg = ctx.cfg
+    path = find_latest_state(ctx.run_dir) or cfg.resume
+    if path is not None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'--resume={path}: no such training state')
+        logger.info(f'Resuming from "{path}"...')
+        state = torch.load(path, map_location='cpu', weights_only=False)
+        if not isinstance(state, dict) or state.get('format_version') != STATE_FORMAT_VERSION:
+            raise ValueError(f'--resume={path}: not a training-state file of this version')
+        ctx.net.load_state_dict(state['net'])
+        ctx.ema.load_state_dict(state['ema'])
+        ctx.optimizer.load_state_dict(state['optimizer'])
+        for group in ctx.optimizer.param_groups:
+            group['fused'] = ctx.optimizer.defaults.get('fused')
+        ctx.cur_nimg = int(state['cur_nimg'])
+        ctx.total_elapsed_time = float(state.get('total_elapsed_time', 0))
+        return path
+    if cfg.transfer:
+        logger.info(f'Loading network weights from "{cfg.transfer}"...')
+        data = persistence.load_pickle(cfg.transfer)
+        src = data['ema'] if isinstance(data, dict) else data
+        misc.copy_params_and_buffers(src_module=src, dst_module=ctx.net, require_all=False)
+        ctx.ema.reset()
+    return None
+
+
+def _make_iterators(ctx) -> None:
+    """Data iterators that start at cur_nimg (and, for STF, the extra reference images)."""
+    cfg = ctx.cfg
+    def loader(seed, start_idx, batch):
+        sampler = misc.InfiniteSampler(dataset=ctx.dataset, rank=ctx.rank, num_replicas=ctx.world, seed=seed,
+                                       window_size=None, start_idx=start_idx)
+        return iter(torch.utils.data.DataLoader(
+            dataset=ctx.dataset, sampler=sampler, batch_size=batch, num_workers=cfg.workers,
+            pin_memory=(ctx.device.type == 'cuda'), prefetch_factor=(2 if cfg.workers > 0 else None)))
+    ctx.data_iter = loader(cfg.seed, ctx.cur_nimg, ctx.batch_gpu)
+    ctx.ref_extra = (cfg.rbatch // ctx.world - ctx.batch_gpu * ctx.rounds) if cfg.stf else 0
+    ctx.ref_iter = None
+    if ctx.ref_extra > 0:
+        steps_done = ctx.cur_nimg // cfg.batch_size
+        ctx.ref_iter = loader(cfg.seed + 1, steps_done * ctx.ref_extra * ctx.world, ctx.ref_extra)
+
+#----------------------------------------------------------------------------
+# One optimizer step.
+
+
+def _to_model_space(ctx, images):
+    """uint8 pixels -> [-1, 1] (EDM) or encoder latents (EDM2)."""
+    images = images.to(ctx.device, non_blocking=True)
+    if ctx.encoder is not None:
+        return ctx.encoder.encode_latents(images)
+    return images.to(torch.float32) / 127.5 - 1
+
+
+def train_step(ctx) -> None:
+    """Accumulate gradients over rounds (no_sync until the last), then update weights and EMA."""
+    cfg = ctx.cfg
+    torch.manual_seed(step_seed(cfg.seed, ctx.rank, ctx.cur_nimg))
+    ctx.optimizer.zero_grad(set_to_none=True)
+    batches = [next(ctx.data_iter) for _ in range(ctx.rounds)]
+    batches = [(_to_model_space(ctx, images), labels.to(ctx.device)) for images, labels in batches]
+    refs = _stf_references(ctx, batches) if cfg.stf else [{}] * ctx.rounds
+    batch_gpu_total = ctx.batch_gpu * ctx.rounds
+    for round_idx, (images, labels) in enumerate(batches):
+        with misc.ddp_sync(ctx.ddp, sync=(round_idx == ctx.rounds - 1)):
+            with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = ctx.loss_fn(net=ctx.ddp, images=images, labels=labels, augment_pipe=ctx.augment_pipe,
+                                   **refs[round_idx])
+            loss = loss.to(torch.float32)
+            training_stats.report('Loss/loss', loss)
+            loss_sum = loss.sum()
+            ctx.bad_loss |= ~torch.isfinite(loss_sum.detach())
+            loss_sum.mul(cfg.loss_scaling / batch_gpu_total).backward()
+    _apply_update(ctx)
+
+
+def _stf_references(ctx, batches) -> list[dict]:
+    """Per round: the other rounds' images plus the extra reference images (STF reference batch)."""
+    extra_images = extra_labels = None
+    if ctx.ref_iter is not None:
+        extra_images, extra_labels = next(ctx.ref_iter)
+        extra_images, extra_labels = _to_model_space(ctx, extra_images), extra_labels.to(ctx.device)
+    refs = []
+    for round_idx in range(len(batches)):
+        others = [b for i, b in enumerate(batches) if i != round_idx]
+        images = [b[0] for b in others] + ([extra_images] if extra_images is not None else [])
+        labels = [b[1] for b in others] + ([extra_labels] if extra_labels is not None else [])
+        refs.append(dict(ref_images=torch.cat(images) if images else None,
+                         ref_labels=torch.cat(labels) if labels else None))
+    return refs
+
+
+def _apply_update(ctx) -> None:
+    """Learning-rate schedule, non-finite gradients zeroed, Adam step, EMA update."""
+    cfg = ctx.cfg
+    lr = learning_rate_schedule(ctx.cur_nimg, cfg.batch_size, ref_lr=cfg.lr, ref_batches=cfg.lr_decay_batches,
+                                rampup_Mimg=cfg.lr_rampup_Mimg)
+    if cfg.recipe == 'edm2':
+        training_stats.report('Loss/learning_rate', lr)
+    for group in ctx.optimizer.param_groups:
+        group['lr'] = lr
+    grads = [p.grad for p in ctx.net.parameters() if p.grad is not None]
+    bound = 0 if cfg.recipe == 'edm2' else 1e5  # EDM clamps Inf to +-1e5, EDM2 zeroes it
+    for grad in grads:
+        torch.nan_to_num(grad, nan=0, posinf=bound, neginf=-bound, out=grad)
+    ctx.optimizer.step()
+    prev_nimg = ctx.cur_nimg
+    ctx.cur_nimg += cfg.batch_size
+    # EDM updates its EMA with the image count before the step, EDM2 after it.
+    ctx.ema.update(cur_nimg=(ctx.cur_nimg if cfg.recipe == 'edm2' else prev_nimg), batch_size=cfg.batch_size)
+
+#----------------------------------------------------------------------------
+# Maintenance: status, snapshots, checkpoints, stopping.
+
+
+def _crossed(prev_nimg: int, cur_nimg: int, interval: int | None) -> bool:
+    """True when [prev_nimg, cur_nimg) steps over a multiple of interval."""
+    return interval is not None and interval > 0 and cur_nimg // interval > prev_nimg // interval
+
+
+def _kimg_name(ctx) -> str:
+    """Kimg field of output names: 6 digits (EDM) or 7 digits (EDM2), as in the references."""
+    return f'{ctx.cur_nimg // 1000:06d}' if ctx.cfg.recipe == 'edm' else f'{ctx.cur_nimg // 1000:07d}'
+
+
+def _check_finite(ctx) -> None:
+    """Stop with a clear message (and write nothing) once the loss became NaN/Inf."""
+    if not dist.all_reduce_any(bool(ctx.bad_loss.item()), device=ctx.device if ctx.device.type == 'cuda' else None):
+        return
+    last = find_latest_state(ctx.run_dir)
+    msg = (f'training loss became NaN/Inf before kimg {ctx.cur_nimg / 1e3:.1f}; stopping without saving. '
+           f'Last good training state: {last or "none"}. Try a lower --lr or enable --fp16 loss scaling less aggressively')
+    logger.error(f'Error: {msg}')
+    raise NonFiniteLossError(msg)
+
+
+def _status(ctx) -> None:
+    """One status line (log.txt) and one stats.jsonl record; reduces stats across ranks."""
+    cfg, now = ctx.cfg, time.time()
+    ctx.total_elapsed_time += now - ctx.prev_status_time
+    dt, dn = now - ctx.prev_status_time, max(ctx.cur_nimg - ctx.prev_status_nimg, 1)
+    proc = psutil.Process(os.getpid())
+    cpu_gb = sum(p.memory_info().rss for p in [proc] + proc.children(recursive=True)) / 2**30
+    cuda = ctx.device.type == 'cuda'
+    gpu_gb = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if cuda else 0.0
+    res_gb = torch.cuda.max_memory_reserved(ctx.device) / 2**30 if cuda else 0.0
+    r = training_stats.report0
+    r('Progress/tick', ctx.cur_tick)
+    r('Progress/kimg', ctx.cur_nimg / 1e3)
+    r('Timing/total_sec', ctx.total_elapsed_time)
+    r('Timing/sec_per_tick', dt)
+    r('Timing/sec_per_kimg', ctx.train_time / dn * 1e3)
+    r('Timing/maintenance_sec', dt - ctx.train_time)
+    r('Resources/cpu_mem_gb', cpu_gb)
+    r('Resources/peak_gpu_mem_gb', gpu_gb)
+    r('Resources/peak_gpu_mem_reserved_gb', res_gb)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    collector = training_stats.default_collector
+    collector.update()
+    pct = 100 * ctx.cur_nimg / cfg.total_nimg
+    eta = ctx.train_time / dn * max(cfg.total_nimg - ctx.cur_nimg, 0)
+    logger.info(' '.join([
+        f'Status: kimg {ctx.cur_nimg / 1e3:<9.1f} [{pct:5.1f}%]',
+        f'time {dnnlib.util.format_time(ctx.total_elapsed_time):<12s}',
+        f'sec/tick {dt:<8.2f} sec/kimg {ctx.train_time / dn * 1e3:<7.3f} img/s {dn / max(ctx.train_time, 1e-9):<8.1f}',
+        f'loss {collector.mean("Loss/loss"):<8.4f} cpumem {cpu_gb:<6.2f} gpumem {gpu_gb:<6.2f} reserved {res_gb:<6.2f}',
+        f'ETA {dnnlib.util.format_time(eta)}']))
+    if ctx.rank == 0:
+        _append_stats(ctx, collector)
+    ctx.update(cur_tick=ctx.cur_tick + 1, prev_status_time=now, prev_status_nimg=ctx.cur_nimg, train_time=0.0)
+
+
+def _append_stats(ctx, collector) -> None:
+    """stats.jsonl: EDM writes {name: {num, mean, std}}, EDM2 flat means, plus a timestamp."""
+    stats = collector.as_dict()
+    if ctx.cfg.recipe == 'edm':
+        line = json.dumps(dict(stats, timestamp=time.time()))
+    else:
+        items = {name: (value.mean if np.isfinite(value.mean) else 'NaN') for name, value in stats.items()}
+        line = json.dumps(dict(items, timestamp=round(time.time(), 3)))
+    with open(os.path.join(ctx.run_dir, 'stats.jsonl'), 'at') as f:
+        f.write(line + '\n')
+        f.flush()
+
+
+def save_snapshot(ctx) -> list[str]:
+    """network-snapshot pickle(s) in the reference format (EDM: one; EDM2: one per EMA std, float16)."""
+    if ctx.rank != 0:
+        return []
+    paths = []
+    if ctx.cfg.recipe == 'edm':
+        ema = copy.deepcopy(ctx.ema.get()).eval().requires_grad_(False).cpu()
+        data = dict(ema=ema, loss_fn=ctx.loss_fn, augment_pipe=ctx.augment_pipe, dataset_kwargs=dict(ctx.dataset_kwargs))
+        paths.append(os.path.join(ctx.run_dir, f'network-snapshot-{_kimg_name(ctx)}.pkl'))
+        persistence.save_pickle(data, paths[-1])
+    else:
+        for ema_net, suffix in ctx.ema.get():
+            data = dnnlib.EasyDict(encoder=ctx.encoder, dataset_kwargs=ctx.dataset_kwargs, loss_fn=ctx.loss_fn)
+            data.ema = copy.deepcopy(ema_net).cpu().eval().requires_grad_(False).to(torch.float16)
+            paths.append(os.path.join(ctx.run_dir, f'network-snapshot-{_kimg_name(ctx)}{suffix}.pkl'))
+            persistence.save_pickle(data, paths[-1])
+    logger.info(f'Saved {", ".join(os.path.basename(p) for p in paths)}')
+    return paths
+
+
+def save_checkpoint(ctx) -> str | None:
+    """training-state-*.pt: state_dicts of net, EMA and optimizer, cur_nimg, resolved config."""
+    if ctx.world > 1:
+        misc.check_ddp_consistency(ctx.net)
+    if ctx.rank != 0:
+        return None
+    state = dict(format_version=STATE_FORMAT_VERSION, cur_nimg=ctx.cur_nimg, total_elapsed_time=ctx.total_elapsed_time,
+                 net=ctx.net.state_dict(), ema=ctx.ema.state_dict(), optimizer=ctx.optimizer.state_dict(),
+                 config=to_json(ctx.cfg))
+    path = os.path.join(ctx.run_dir, f'training-state-{_kimg_name(ctx)}.pt')
+    with dnnlib.util.atomic_write(path, 'wb') as f:
+        torch.save(state, f)
+    logger.info(f'Saved {os.path.basename(path)}')
+    return path
+
+
+def maintenance(ctx, prev_nimg: int) -> bool:
+    """After a step: status, stop requests, snapshots and checkpoints. Returns True when training is over."""
+    cfg = ctx.cfg
+    done = ctx.cur_nimg >= cfg.total_nimg
+    status = done or _crossed(prev_nimg, ctx.cur_nimg, cfg.status_nimg)
+    stop = dist.should_stop() if ctx.world == 1 else (status and dist.all_reduce_any(dist.should_stop()))
+    if stop and not done:
+        logger.info('Stop requested: saving a training state and exiting.')
+        done = ctx.stopped = True
+    snapshot = done or _crossed(prev_nimg, ctx.cur_nimg, cfg.snapshot_nimg)
+    checkpoint = done or _crossed(prev_nimg, ctx.cur_nimg, cfg.checkpoint_nimg)
+    if status or snapshot or checkpoint:
+        _check_finite(ctx)
+    if status or done:
+        _status(ctx)
+    if snapshot and cfg.snapshot_nimg is not None:
+        save_snapshot(ctx)
+    if checkpoint:
+        ctx.state_path = save_checkpoint(ctx) or ctx.state_path
+    if snapshot or checkpoint:
+        dist.barrier()
+    return done
+
+#----------------------------------------------------------------------------
+
+
+def training_loop(cfg: TrainConfig, run_dir: str, device: torch.device | None = None) -> dnnlib.EasyDict:
+    """Train until cfg.total_nimg or a stop signal; returns EasyDict(cur_nimg, stopped, state_path, run_dir, net, ema, optimizer)."""
+    device = device if device is not None else dist.device_for_rank(misc.choose_device(cfg.device))
+    try:
+        ctx = setup(cfg, run_dir, device)
+        ctx.update(stopped=False, cur_tick=0, prev_status_time=time.time(), prev_status_nimg=ctx.cur_nimg, train_time=0.0)
+        if ctx.cur_nimg >= cfg.total_nimg:
+            logger.info(f'Already trained for {ctx.cur_nimg / 1e3:.1f} kimg (--duration reached); nothing to do.')
+        else:
+            logger.info(f'Training from {ctx.cur_nimg / 1e3:.1f} kimg to {cfg.total_nimg / 1e3:.1f} kimg '
+                        f'on {ctx.world} x {device} (batch {cfg.batch_size}, {ctx.batch_gpu} per round, '
+                        f'{ctx.rounds} round(s); TF32 off)...')
+            done = False
+            while not done:
+                start, prev_nimg = time.time(), ctx.cur_nimg
+                train_step(ctx)
+                ctx.train_time += time.time() - start
+                done = maintenance(ctx, prev_nimg)
+            logger.info('Stopped; rerun the same command to continue.' if ctx.stopped else 'Done.')
+        return dnnlib.EasyDict(cur_nimg=ctx.cur_nimg, stopped=ctx.stopped, state_path=ctx.state_path, run_dir=run_dir,
+                               net=ctx.net, ema=ctx.ema, optimizer=ctx.optimizer)
+    finally:
+        _close_logging()
