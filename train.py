@@ -53,7 +53,7 @@ def overrides_from_options(opts: dict) -> dict:
     ov = dict(data=o.pop('data'), cond=o.pop('cond'), arch=o.pop('arch'), precond=o.pop('precond'),
               stf=o.pop('stf'), rbatch=o.pop('rbatch'), batch_size=o.pop('batch'), batch_gpu=o.pop('batch_gpu'),
               total_nimg=o.pop('duration'), lr=o.pop('lr'), lr_decay_batches=o.pop('decay'),
-              ema_halflife_Mimg=o.pop('ema'), dropout=o.pop('dropout'), augment=o.pop('augment'), xflip=o.pop('xflip'),
+              ema_halflife_Mimg=o.pop('ema'), edm2_config=o.pop('edm2_config'), dropout=o.pop('dropout'), augment=o.pop('augment'), xflip=o.pop('xflip'),
               model_channels=o.pop('cbase'), channel_mult=_int_list(o.pop('cres')), P_mean=o.pop('P_mean'),
               P_std=o.pop('P_std'), fp16=o.pop('fp16'), bf16=o.pop('bf16'), loss_scaling=o.pop('ls'),
               seed=o.pop('seed'), device=o.pop('device'), compile=o.pop('compile'),
@@ -95,6 +95,7 @@ def overrides_from_options(opts: dict) -> dict:
 @click.option('--decay',         help='EDM2 learning rate decay t_ref', metavar='BATCHES', type=click.FloatRange(min=0))
 @click.option('--ema',           help='EDM EMA half-life', metavar='MIMG', type=click.FloatRange(min=0))
 @click.option('--ema-stds',      help='EDM2 power-function EMA stds', metavar='LIST', type=str)
+@click.option('--edm2-config',   help='EDM2 Table 1 network config (arch edm2)', type=click.Choice(list('BCDEFG')))
 @click.option('--dropout',       help='Dropout probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1))
 @click.option('--augment',       help='Augment probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1))
 @click.option('--xflip',         help='Enable dataset x-flips', metavar='BOOL', type=bool)

@@ -75,6 +75,8 @@ def network_kwargs(cfg: TrainConfig) -> dnnlib.EasyDict:
     if cfg.arch == 'edm2':
         kwargs = dnnlib.EasyDict(class_name='training.networks_edm2.Precond', model_channels=cfg.model_channels,
                                  dropout=cfg.dropout)
+        if cfg.edm2_config != 'G':  # the published network records no config argument
+            kwargs.config = cfg.edm2_config
     else:
         kwargs = dnnlib.EasyDict(class_name=f'training.networks.{_PRECOND_CLASSES[cfg.precond]}', **_SONG_UNET[cfg.arch])
         kwargs.update(model_channels=cfg.model_channels)
