@@ -38,16 +38,20 @@ def plan(outdir: str, kimg: int, num_images: int, device: str) -> list[tuple[str
     if not os.path.isfile(dataset):
         steps.append(('1/4 Convert 1000 CIFAR-10 images to a 16x16 dataset', 'dataset_tool.py',
                       ['convert', f'--source={DATA}', f'--dest={dataset}', '--resolution=16x16']))
+    ref_subset = os.path.join(outdir, f'dataset-16x16-first{num_images}.zip')
+    if not os.path.isfile(ref_subset):
+        steps.append(('1/4 (cont.) Keep the first images as the FID reference set', 'dataset_tool.py',
+                      ['convert', f'--source={DATA}', f'--dest={ref_subset}', '--resolution=16x16',
+                       f'--max-images={num_images}']))
     steps += [
         ('2/4 Train a tiny class-conditional EDM model', 'train.py',
-         ['--preset=quickstart', f'--data={dataset}', f'--outdir={run_dir}', f'--duration={kimg * 1000}',
+         ['--preset=quickstart', f'--data={dataset}', f'--outdir={run_dir}', f'--duration={kimg}k',
           f'--device={device}']),
         ('3/4 Sample an image grid with the newest snapshot', 'generate.py',
          [f'--net={{snapshot}}', f'--outdir={images}', f'--seeds=0-{num_images - 1}', '--steps=18', '--batch=64',
           f'--grid={os.path.join(outdir, "grid.png")}', f'--device={device}']),
         ('4/4 FID of the samples against the dataset', 'fid.py',
-         ['ref', f'--data={dataset}', f'--dest={os.path.join(outdir, "dataset-ref.npz")}', f'--num={num_images}',
-          f'--device={device}']),
+         ['ref', f'--data={ref_subset}', f'--dest={os.path.join(outdir, "dataset-ref.npz")}', f'--device={device}']),
         ('4/4 (cont.)', 'fid.py',
          ['calc', f'--images={images}', f'--ref={os.path.join(outdir, "dataset-ref.npz")}', f'--num={num_images}',
           f'--device={device}', f'--metrics-file={os.path.join(outdir, "metrics.jsonl")}']),
@@ -65,8 +69,8 @@ def newest_snapshot(run_dir: str) -> str:
 
 @click.command()
 @click.option('--outdir', help='Where to put everything', metavar='DIR', default='quickstart-run', show_default=True)
-@click.option('--kimg', help='Training length in thousands of images', type=click.IntRange(min=1), default=40, show_default=True)
-@click.option('--num', 'num_images', help='Images to sample and measure', type=click.IntRange(min=2), default=256, show_default=True)
+@click.option('--kimg', help='Training length in thousands of images', type=click.IntRange(min=1), default=12, show_default=True)
+@click.option('--num', 'num_images', help='Images to sample and measure', type=click.IntRange(min=2), default=64, show_default=True)
 @click.option('--device', help='auto|cuda|cpu|mps', default='auto', show_default=True)
 def main(outdir: str, kimg: int, num_images: int, device: str) -> None:
     """Run dataset_tool -> train -> generate -> fid on a built-in CIFAR-10 subset.

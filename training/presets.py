@@ -140,7 +140,7 @@ PRESETS: dict[str, TrainConfig] = {
     # Quickstart: 16x16 class-conditional CIFAR-10 subset, a few minutes on 2 CPU cores.
     'quickstart': _edm(cond=True, resolution=16, arch='ddpmpp', model_channels=32, channel_mult=(1, 2, 2), num_blocks=1,
                        attn_resolutions=(), dropout=0.0, augment=0.0, total_nimg=40_000, batch_size=64, lr=2e-3,
-                       lr_rampup_Mimg=0.002, ema_halflife_Mimg=0.002, ema_rampup_ratio=0.25, status_nimg=4096,
+                       lr_rampup_Mimg=0.002, ema_halflife_Mimg=0.002, ema_rampup_ratio=0.25, status_nimg=1024,
                        snapshot_nimg=20_000, checkpoint_nimg=20_000, workers=0),
     # Tiny CPU configurations (16 channels, one block per level; any resolution, 8x8 in the tests).
     'tiny-edm': _edm(resolution=None, arch='ddpmpp', model_channels=16, channel_mult=(1, 2), num_blocks=1,
