@@ -1,0 +1,129 @@
+"""CUDA-only paths: fp16 and bf16, SDPA vs reference attention, channels-last, compile, fused Adam.
+
+These need a CUDA GPU and skip on CPU-only machines (the CPU equivalents are in test_networks.py
+and test_fastpaths.py); the GPU validation run executes them.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from training import networks, networks_edm2
+from training.networks import EDMPrecond
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (runs in the GPU validation)')
+
+DEVICE = torch.device('cuda')
+
+
+def ddpmpp(**kwargs):
+    torch.manual_seed(0)
+    net = EDMPrecond(img_resolution=16, img_channels=3, label_dim=10, model_type='SongUNet', embedding_type='positional',
+                     encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
+                     model_channels=32, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0, **kwargs)
+    return net.to(DEVICE).eval()
+
+
+def edm2(**kwargs):
+    torch.manual_seed(0)
+    net = networks_edm2.Precond(img_resolution=16, img_channels=4, label_dim=10, model_channels=32,
+                                channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], **kwargs)
+    return net.to(DEVICE).eval()
+
+
+def inputs(channels=3, n=8):
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    x = torch.randn(n, channels, 16, 16, device=DEVICE, generator=g)
+    sigma = torch.exp(torch.randn(n, device=DEVICE, generator=g))
+    labels = torch.nn.functional.one_hot(torch.arange(n, device=DEVICE) % 10, 10).float()
+    return x, sigma, labels
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@torch.no_grad()
+def test_fp16_reference_path_close_to_fp32():
+    x, sigma, labels = inputs()
+    ref = ddpmpp()(x, sigma, labels)
+    half = ddpmpp(use_fp16=True)(x, sigma, labels)
+    assert half.dtype == torch.float32  # preconditioning returns fp32
+    assert rel_err(half, ref) < 1e-2
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('make, channels', [(ddpmpp, 3), (edm2, 4)])
+def test_bf16_autocast_close_to_fp32(make, channels):
+    net = make()
+    x, sigma, labels = inputs(channels)
+    ref = net(x, sigma, labels)
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        out = net(x, sigma, labels)
+    assert rel_err(out, ref) < 3e-2
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('make, channels', [(ddpmpp, 3), (edm2, 4)])
+def test_sdpa_matches_reference_attention(make, channels):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    net = make()
+    x, sigma, labels = inputs(channels)
+    with networks.attention_impl('reference'):
+        ref = net(x, sigma, labels)
+    with networks.attention_impl('sdpa'):
+        out = net(x, sigma, labels)
+    assert rel_err(out, ref) < 1e-5
+
+
+@torch.no_grad()
+def test_channels_last_matches():
+    torch.backends.cudnn.allow_tf32 = False
+    net = ddpmpp()
+    x, sigma, labels = inputs()
+    ref = net(x, sigma, labels)
+    net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    out = net_cl(x.to(memory_format=torch.channels_last), sigma, labels)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_compile_matches_eager():
+    net = edm2()
+    x, sigma, labels = inputs(4)
+    with torch.no_grad():
+        ref = net(x, sigma, labels)
+        out = torch.compile(net)(x, sigma, labels)
+    assert rel_err(out, ref) < 1e-3
+
+
+def test_fused_adam_matches_foreach():
+    results = []
+    for fused in (False, True):
+        net = edm2().train()
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.99), fused=fused, foreach=not fused)
+        x, sigma, labels = inputs(4)
+        for _ in range(3):
+            loss = (net(x, sigma, labels) - x).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        results.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
+    assert rel_err(results[1], results[0]) < 1e-4
+
+
+def test_training_loop_bf16_on_cuda(tmp_path):
+    import numpy as np
+    import PIL.Image
+    from training import training_loop as tl
+    from training.presets import build_config
+    data = tmp_path / 'data'
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(32):
+        PIL.Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(data / f'{i:05d}.png')
+    for preset in ('tiny-edm', 'tiny-edm2'):
+        cfg = build_config(preset, data=str(data), bf16=True, device='cuda', total_nimg=128, status_nimg=64)
+        result = tl.training_loop(cfg, str(tmp_path / preset), DEVICE)
+        assert result.cur_nimg >= 128
