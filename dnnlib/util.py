@@ -63,6 +63,7 @@ def atomic_write(path: str | os.PathLike, mode: str = 'wb') -> Iterator[io.IOBas
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -72,6 +73,11 @@ def atomic_write(path: str | os.PathLike, mode: str = 'wb') -> Iterator[io.IOBas
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 #----------------------------------------------------------------------------
 # Formatting and parsing.

@@ -142,3 +142,13 @@ def test_names_and_format():
     assert util.construct_class_by_name(class_name='dnnlib.EasyDict', a=1).a == 1
     assert util.format_time(3725) == '1h 02m 05s'
     assert util.format_time(5) == '5s'
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    import os
+    path = tmp_path / 'perm.txt'
+    with util.atomic_write(path, 'w') as f:
+        f.write('x')
+    reference = tmp_path / 'plain.txt'
+    reference.write_text('x')
+    assert (os.stat(path).st_mode & 0o777) == (os.stat(reference).st_mode & 0o777)
