@@ -276,7 +276,7 @@ class Block(torch.nn.Module):
         if self.num_heads != 0:
             x = self._sum(x, self._attention(self._norm('norm2', x)), t=self.attn_balance)
         if self.clip_act is not None:
-            x = x.clip_(-self.clip_act, self.clip_act)
+            x = x.clip(-self.clip_act, self.clip_act)  # out of place: vmap (batched guidance) has no rule for clip_
         return x
 
     @property
@@ -470,7 +470,8 @@ class Precond(torch.nn.Module):
         F_x = self.unet((c_in * x).to(dtype), c_noise, class_labels, **unet_kwargs)
         D_x = c_skip * x + c_out * F_x.to(torch.float32)
         if return_logvar:
-            logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
+            with torch.autocast(x.device.type, enabled=False):  # scales the whole loss: keep it in fp32
+                logvar = self.logvar_linear(self.logvar_fourier(c_noise.float())).reshape(-1, 1, 1, 1)
             return D_x, logvar
         return D_x
 

@@ -1,0 +1,159 @@
+"""The two numerics the benchmark compares, and the few fast paths the library does not offer yet.
+
+`reference` reproduces the numerics of NVlabs/edm and NVlabs/edm2 run in fp32: TF32 off, einsum
+attention, eager mode, NCHW tensors, a for-loop Adam and a per-parameter EMA loop. `fast` switches
+on everything this project adds for speed: bf16 autocast on CUDA (preconditioning and loss stay in
+fp32 because autocast only lowers matmuls and convolutions), TF32 for what remains in fp32,
+channels-last, SDPA attention, torch.compile of the network module, fused (CUDA) or foreach Adam,
+torch._foreach EMA updates and guidance evaluated as one batched call when the two networks share
+an architecture. `tests/test_fastpaths.py` checks every switch against the reference numerics.
+"""
+
+import contextlib
+import copy
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+from torch.func import functional_call, stack_module_state, vmap
+
+from training import networks, phema
+
+#----------------------------------------------------------------------------
+# Variants.
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One set of numerics and implementation switches."""
+    name:               str                     # 'reference' or 'fast'.
+    bf16:               bool                    # bf16 autocast around the network?
+    tf32:               bool                    # Allow TF32 in fp32 matmuls and convolutions (CUDA)?
+    attention:          str                     # training.networks attention impl: 'reference' or 'sdpa'.
+    channels_last:      bool                    # Channels-last weights (convolutions then run channels-last)?
+    compile:            bool                    # torch.compile the network module?
+    adam:               str                     # 'loop' (for-loop Adam), 'foreach' or 'fused'.
+    ema:                str                     # 'loop' (one lerp per parameter) or 'foreach'.
+    batched_guidance:   bool                    # net and gnet in one vmapped call when they share an architecture?
+    compile_backend:    str     = 'inductor'    # torch.compile backend (tests use 'aot_eager').
+
+
+def make_variants(device: torch.device, compile: bool) -> list[Variant]:
+    """[reference, fast] for `device`; bf16 autocast and fused Adam only on CUDA."""
+    cuda = device.type == 'cuda'
+    reference = Variant(name='reference', bf16=False, tf32=False, attention='reference', channels_last=False,
+                        compile=False, adam='loop', ema='loop', batched_guidance=False)
+    fast = Variant(name='fast', bf16=cuda, tf32=cuda, attention='sdpa', channels_last=True, compile=compile,
+                   adam='fused' if cuda else 'foreach', ema='foreach', batched_guidance=True)
+    return [reference, fast]
+
+
+@contextlib.contextmanager
+def variant_scope(variant: Variant) -> Iterator[None]:
+    """Set the global switches of `variant` (attention impl, TF32) and restore them afterwards."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = variant.tf32
+    torch.backends.cudnn.allow_tf32 = variant.tf32
+    try:
+        with networks.attention_impl(variant.attention):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def autocast(variant: Variant, device: torch.device):
+    """bf16 autocast context when the variant asks for it, else a no-op context."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=variant.bf16)
+
+
+def prepare_network(net: torch.nn.Module, variant: Variant) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(module, callable): the module with channels-last weights if asked (convolutions then run
+    channels-last whatever the input layout) and, for calling, its compiled form."""
+    if variant.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net, compile_module(net, variant)
+
+
+def compile_module(module: torch.nn.Module, variant: Variant) -> torch.nn.Module:
+    """torch.compile(module) with the variant's backend, or the module itself when compile is off."""
+    return torch.compile(module, backend=variant.compile_backend) if variant.compile else module
+
+#----------------------------------------------------------------------------
+# Optimizer and EMA.
+
+def make_adam(params, variant: Variant, **kwargs) -> torch.optim.Adam:
+    """torch.optim.Adam with the variant's implementation: for-loop, foreach (multi-tensor) or fused."""
+    if variant.adam not in ('loop', 'foreach', 'fused'):
+        raise ValueError(f"adam implementation must be one of ('loop', 'foreach', 'fused'), got {variant.adam!r}")
+    return torch.optim.Adam(params, foreach=(variant.adam == 'foreach'), fused=(variant.adam == 'fused') or None, **kwargs)
+
+
+class LoopEMA:
+    """Reference EMA update of a training.phema tracker: one `p_net.lerp(p_ema, beta)` per parameter,
+    as NVlabs/edm training_loop.py and NVlabs/edm2 phema.py write it, with the tracker's own beta."""
+
+    def __init__(self, tracker):
+        self.tracker = tracker
+
+    @torch.no_grad()
+    def update(self, cur_nimg: int, batch_size: int) -> None:
+        """Advance every EMA of the tracker to cur_nimg, parameter by parameter."""
+        net_params = list(self.tracker.net.parameters())
+        for ema, beta in self._targets(cur_nimg, batch_size):
+            for p_net, p_ema in zip(net_params, ema.parameters()):
+                p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+
+    def _targets(self, cur_nimg, batch_size):
+        tracker = self.tracker
+        if isinstance(tracker, phema.PowerFunctionEMA):  # EDM2 Eq. 127, one beta per profile
+            return [(ema, float(phema.power_function_beta(std=std, t_next=cur_nimg, t_delta=batch_size)))
+                    for std, ema in zip(tracker.stds, tracker.emas)]
+        halflife_Mimg = tracker.halflife_Mimg  # EDM: half-life with ramp-up
+        if tracker.rampup_ratio is not None:
+            halflife_Mimg = min(halflife_Mimg, cur_nimg / 1e6 * tracker.rampup_ratio)
+        return [(tracker.ema, 0.5 ** (batch_size / max(halflife_Mimg * 1e6, 1e-8)))]
+
+
+def make_ema(net: torch.nn.Module, edm2: bool, variant: Variant):
+    """The recipe's EMA tracker (EDM2: power-function stds 0.05/0.10; EDM: 0.5 Mimg half-life, ramp-up 0.05)."""
+    tracker = phema.PowerFunctionEMA(net, stds=[0.050, 0.100]) if edm2 else \
+        phema.TraditionalEMA(net, halflife_Mimg=0.5, rampup_ratio=0.05)
+    return tracker if variant.ema == 'foreach' else LoopEMA(tracker)
+
+#----------------------------------------------------------------------------
+# Guidance.
+
+def same_architecture(net: torch.nn.Module, gnet: torch.nn.Module) -> bool:
+    """True when the two networks have the same class, constructor arguments and tensor shapes."""
+    if type(net) is not type(gnet) or getattr(net, 'init_kwargs', None) != getattr(gnet, 'init_kwargs', None):
+        return False
+    shapes = lambda m: [(k, v.shape, v.dtype) for k, v in m.state_dict().items()]
+    return shapes(net) == shapes(gnet)
+
+
+class BatchedGuidance(torch.nn.Module):
+    """D_w = D_0 + w (D_1 - D_0) (Autoguidance Eq. 1) with D_1 = net and D_0 = gnet evaluated in one
+    call: their weights are stacked once and the shared network code is vmapped over the stack, so
+    every layer runs one kernel for both networks. Inference only (weights are frozen copies)."""
+
+    def __init__(self, net: torch.nn.Module, gnet: torch.nn.Module, guidance: float):
+        super().__init__()
+        if not same_architecture(net, gnet):
+            raise ValueError('batched guidance needs net and gnet of the same architecture; call them separately')
+        params, buffers = stack_module_state([net.eval(), gnet.eval()])
+        self.params = {k: v.detach() for k, v in params.items()}
+        self.buffers_ = {k: v.detach() for k, v in buffers.items()}
+        self.base = [copy.deepcopy(net).to('meta')]  # a list keeps it out of this module's children
+        self.guidance = guidance
+        for attr in ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max'):
+            if hasattr(net, attr):
+                setattr(self, attr, getattr(net, attr))
+
+    def _apply(self, fn, recurse=True):
+        self.params = {k: fn(v) for k, v in self.params.items()}
+        self.buffers_ = {k: fn(v) for k, v in self.buffers_.items()}
+        return super()._apply(fn, recurse)
+
+    def forward(self, x, sigma, labels=None):
+        call = lambda params, buffers: functional_call(self.base[0], (params, buffers), (x, sigma, labels))
+        denoised, guide = vmap(call)(self.params, self.buffers_).unbind(0)
+        return guide.lerp(denoised, self.guidance)

@@ -1,0 +1,85 @@
+"""Tests of the benchmark harness (python -m bench): end-to-end smoke run, JSON layout, timing helpers."""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bench import run, timing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANT_KEYS = {'median_s', 'times_s', 'images_per_s', 'peak_mem_mb', 'peak_mem_kind'}
+
+
+def test_quick_cpu_run_writes_complete_json(tmp_path):
+    out = tmp_path / 'results.json'
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run([sys.executable, '-m', 'bench', '--device', 'cpu', '--size', 'tiny', '--reps', '1', '--quick',
+                           '--out', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # CPU seconds, not wall time: other jobs on the shared cores stretch the wall clock, not the work.
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert cpu_s < 30, f'the quick benchmark used {cpu_s:.1f} CPU seconds'
+    data = json.loads(out.read_text())
+    meta = data['meta']
+    assert meta['device'] == 'cpu' and meta['size'] == 'quick' and meta['reps'] == 1 and meta['statistic'] == 'median'
+    assert set(meta['variants']) == {'reference', 'fast'} and meta['peak_tflops']['fp32'] > 0
+    records = {(r['task'], r['config']): r for r in data['results']}
+    assert [task for task, _ in records] == ['train'] * 4 + ['sample'] * 3 + ['fid', 'encode']
+    assert {c for t, c in records if t == 'train'} == {'ddpmpp-cifar10', 'adm-imagenet64', 'edm2-xs', 'edm2-s'}
+    for (task, config), record in records.items():
+        if 'skipped' in record:  # only the FID detector may be unavailable
+            assert task == 'fid', record
+            continue
+        assert set(record['variants']) == {'reference', 'fast'}
+        for result in record['variants'].values():
+            assert VARIANT_KEYS <= set(result) and len(result['times_s']) == 1 and result['images_per_s'] > 0
+            assert result['peak_mem_kind'] == 'rss_delta' and result['peak_mem_mb'] >= 0
+        assert record['speedup'] == pytest.approx(record['variants']['fast']['images_per_s'] / record['variants']['reference']['images_per_s'])
+        if task in ('train', 'sample'):
+            assert record['flops_per_call'] > 0 and all(0 < v['mfu'] for v in record['variants'].values())
+    guided = next(r for (t, c), r in records.items() if c.endswith('guided'))
+    assert guided['variants']['fast']['batched_guidance'] and not guided['variants']['reference']['batched_guidance']
+    assert 'speedup' in proc.stdout and str(out) in proc.stdout
+
+
+def test_bad_options_are_reported_cleanly(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(run.main, ['--device', 'cpu', '--tasks', 'train,render', '--out', str(tmp_path / 'x.json')])
+    assert result.exit_code == 2 and 'render not known' in result.output and 'train, sample, fid, encode' in result.output
+    result = runner.invoke(run.main, ['--device', 'tpu', '--out', str(tmp_path / 'x.json')])
+    assert result.exit_code == 1 and 'Error:' in result.output and '--device' in result.output
+    assert not (tmp_path / 'x.json').exists()
+
+
+def test_time_call_reports_median_of_synchronised_reps():
+    calls = []
+    result = timing.time_call(lambda: calls.append(time.sleep(0.002 * (len(calls) + 1))), torch.device('cpu'), warmup=2, reps=3)
+    assert len(calls) == 5 and len(result['times_s']) == 3
+    assert result['median_s'] == sorted(result['times_s'])[1] and result['median_s'] >= 0.008
+    with pytest.raises(ValueError, match='reps'):
+        timing.time_call(lambda: None, torch.device('cpu'), reps=0)
+
+
+def test_peak_memory_sees_a_large_cpu_allocation():
+    with timing.peak_memory(torch.device('cpu')) as memory:
+        block = torch.ones(64, 2**20)  # 256 MiB, touched
+        time.sleep(0.05)
+        del block
+    assert memory['peak_mem_kind'] == 'rss_delta' and 200 < memory['peak_mem_mb'] < 1000
+
+
+def test_table_lists_ratios_and_skips():
+    variant = dict(images_per_s=10.0, peak_mem_mb=100.0, mfu=0.25)
+    record = run.add_ratios(dict(task='train', config='x', batch=4,
+                                 variants=dict(reference=dict(variant), fast=dict(variant, images_per_s=30.0, peak_mem_mb=50.0))))
+    assert record['speedup'] == 3 and record['mem_ratio'] == 0.5
+    table = run.format_table([record, dict(task='fid', config='inception-v3', skipped='no detector')])
+    assert '3.00x' in table and '25.0%' in table and 'skipped: no detector' in table
