@@ -3,6 +3,7 @@
 import pathlib
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / 'shared'
@@ -23,3 +24,12 @@ def cifar_dir() -> pathlib.Path:
     if not path.is_dir():
         pytest.skip(f'CIFAR-10 batches not found at {path}')
     return path
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """Tiny tensors: one torch thread avoids oversubscription when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,13 +20,7 @@ CPU = torch.device('cpu')
 REFERENCE, FAST = make_variants(CPU, compile=False)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """These nets are tiny: one thread avoids OpenMP overhead when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 def randomize_(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

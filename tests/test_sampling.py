@@ -11,13 +11,7 @@ from training.sampling import StackedRandomGenerator
 #----------------------------------------------------------------------------
 # Helpers.
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # Tiny tensors: one thread avoids oversubscription when test files run in parallel.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 class GaussianDenoiser(torch.nn.Module):

@@ -25,13 +25,7 @@ CIFAR = ASSETS / 'cifar-10-batches-py'
 # Fixtures and helpers.
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # Tiny tensors: one thread avoids oversubscription when test files run in parallel.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 def write_dataset(folder, images, labels=None):

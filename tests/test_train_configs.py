@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_train import cifar, one_thread, train  # noqa: F401  (fixtures)
+from tests.test_train import cifar, train  # noqa: F401  (fixture)
 from torch_utils import persistence
 from training import networks_edm2
 from training.presets import PRESETS, build_config
+
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 @pytest.mark.parametrize('config', list('BCDEFG'))
