@@ -59,7 +59,7 @@ def add_ratios(record: dict) -> dict:
 
 
 def run_all(device, size, tasks, nets, variants, warmup, reps, peak, train_batch=None, detector=None, vae=None,
-            log=print) -> list[dict]:
+            log=print, on_record=None) -> list[dict]:
     """Every selected case, in order; FID / encoding cases whose models are unavailable are recorded as skipped."""
     jobs = []
     if 'train' in tasks:
@@ -82,6 +82,8 @@ def run_all(device, size, tasks, nets, variants, warmup, reps, peak, train_batch
                 raise
             records.append(dict(task=task, config=name, skipped=str(err)))
         log(f'{task:<7s}{name:<28s} {time.perf_counter() - start:6.1f} s' + (' (skipped)' if 'skipped' in records[-1] else ''))
+        if on_record is not None:  # e.g. save what is measured so far: a killed run keeps its results
+            on_record(records)
     return records
 
 #----------------------------------------------------------------------------
@@ -179,8 +181,9 @@ def main(device, size, quick, tasks, nets, train_batch, reps, warmup, compile_, 
                f'peak TFLOP/s {", ".join(f"{k} {v:.3g}" for k, v in peak.items() if k != "source")} ({peak["source"]})')
     if device.type == 'cpu':
         click.echo(f'CPU load average {meta["load_average"]} on {meta["cpu_count"]} cores, {torch.get_num_threads()} torch threads')
-    records = run_all(device, size, tasks, nets, variants, warmup, reps, peak, train_batch, detector, vae, log=click.echo)
-    click.echo(format_table(records, markdown=markdown))
     out = out or default_out_path(device)
+    records = run_all(device, size, tasks, nets, variants, warmup, reps, peak, train_batch, detector, vae, log=click.echo,
+                      on_record=lambda partial: write_json(out, dict(meta=meta, results=partial)))
+    click.echo(format_table(records, markdown=markdown))
     write_json(out, dict(meta=meta, results=records))
     click.echo(f'Wrote {out}')
