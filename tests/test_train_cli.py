@@ -10,7 +10,9 @@ import torch
 from click.testing import CliRunner
 
 import train
-from tests.test_train import cifar, one_thread  # noqa: F401  (module fixtures)
+from tests.test_train import cifar  # noqa: F401  (module fixture)
+
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 from torch_utils import distributed as dist
 from training import training_loop as tl
 from training.presets import PRESETS, build_config, check_batch, from_json, to_json

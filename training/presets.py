@@ -72,6 +72,7 @@ class TrainConfig:
     seed:               int                     = 0         # Global random seed.
     device:             str                     = 'auto'    # auto | cuda | cpu | mps.
     compile:            bool                    = False     # torch.compile the network.
+    channels_last:      bool                    = False     # Channels-last weights for the conv nets (inputs stay NCHW).
     deterministic:      bool                    = False     # torch.use_deterministic_algorithms.
     workers:            int                     = 1         # DataLoader worker processes.
     cache:              bool                    = True      # Keep the dataset in CPU memory.

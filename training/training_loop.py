@@ -234,6 +234,8 @@ def _build_modules(ctx) -> None:
     interface = dict(img_resolution=image.shape[-1], img_channels=image.shape[1], label_dim=ctx.dataset.label_dim)
     net = dnnlib.util.construct_class_by_name(**network_kwargs(cfg), **interface)
     net.train().requires_grad_(True).to(device)
+    if cfg.channels_last:  # data stays NCHW, so randn_like draws the same noise as the reference
+        net.to(memory_format=torch.channels_last)
     if ctx.rank == 0:
         with torch.no_grad():
             misc.print_module_summary(net, [torch.zeros([ctx.batch_gpu, *image.shape[1:]], device=device),
@@ -250,6 +252,8 @@ def _build_modules(ctx) -> None:
     opt_kwargs = optimizer_kwargs(cfg)
     if device.type == 'cuda':
         opt_kwargs.fused = True
+    else:
+        opt_kwargs.foreach = True  # one multi-tensor update instead of a Python loop per parameter
     ctx.optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **opt_kwargs)
     if cfg.recipe == 'edm2':
         from training.phema import PowerFunctionEMA
