@@ -36,3 +36,10 @@ def test_dockerfile_matches_pyproject():
     assert base.startswith('pytorch/pytorch:') and 'cuda' in base  # torch comes from the CUDA base image
     install = re.search(r'pip install --no-cache-dir ([^&\\]+)', text).group(1)
     assert {_name(d) for d in install.split()} | {'torch'} == _pyproject_deps()
+
+
+def test_version_string_matches_pyproject():
+    import training
+    with open(ROOT / 'pyproject.toml', 'rb') as f:
+        assert tomllib.load(f)['project']['version'] == training.__version__
+    assert f'## {training.__version__}' in (ROOT / 'CHANGELOG.md').read_text()
