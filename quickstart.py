@@ -69,7 +69,7 @@ def newest_snapshot(run_dir: str) -> str:
 
 @click.command()
 @click.option('--outdir', help='Where to put everything', metavar='DIR', default='quickstart-run', show_default=True)
-@click.option('--kimg', help='Training length in thousands of images', type=click.IntRange(min=1), default=12, show_default=True)
+@click.option('--kimg', help='Training length in thousands of images', type=click.IntRange(min=1), default=36, show_default=True)
 @click.option('--num', 'num_images', help='Images to sample and measure', type=click.IntRange(min=2), default=64, show_default=True)
 @click.option('--device', help='auto|cuda|cpu|mps', default='auto', show_default=True)
 def main(outdir: str, kimg: int, num_images: int, device: str) -> None:

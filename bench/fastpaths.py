@@ -10,14 +10,13 @@ an architecture. `tests/test_fastpaths.py` checks every switch against the refer
 """
 
 import contextlib
-import copy
 import dataclasses
 from collections.abc import Iterator
 
 import torch
-from torch.func import functional_call, stack_module_state, vmap
 
 from training import networks, phema
+from training.guidance import BatchedGuidance, same_architecture  # noqa: F401  (re-exported)
 
 #----------------------------------------------------------------------------
 # Variants.
@@ -122,38 +121,4 @@ def make_ema(net: torch.nn.Module, edm2: bool, variant: Variant):
 #----------------------------------------------------------------------------
 # Guidance.
 
-def same_architecture(net: torch.nn.Module, gnet: torch.nn.Module) -> bool:
-    """True when the two networks have the same class, constructor arguments and tensor shapes."""
-    if type(net) is not type(gnet) or getattr(net, 'init_kwargs', None) != getattr(gnet, 'init_kwargs', None):
-        return False
-    shapes = lambda m: [(k, v.shape, v.dtype) for k, v in m.state_dict().items()]
-    return shapes(net) == shapes(gnet)
-
-
-class BatchedGuidance(torch.nn.Module):
-    """D_w = D_0 + w (D_1 - D_0) (Autoguidance Eq. 1) with D_1 = net and D_0 = gnet evaluated in one
-    call: their weights are stacked once and the shared network code is vmapped over the stack, so
-    every layer runs one kernel for both networks. Inference only (weights are frozen copies)."""
-
-    def __init__(self, net: torch.nn.Module, gnet: torch.nn.Module, guidance: float):
-        super().__init__()
-        if not same_architecture(net, gnet):
-            raise ValueError('batched guidance needs net and gnet of the same architecture; call them separately')
-        params, buffers = stack_module_state([net.eval(), gnet.eval()])
-        self.params = {k: v.detach() for k, v in params.items()}
-        self.buffers_ = {k: v.detach() for k, v in buffers.items()}
-        self.base = [copy.deepcopy(net).to('meta')]  # a list keeps it out of this module's children
-        self.guidance = guidance
-        for attr in ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max'):
-            if hasattr(net, attr):
-                setattr(self, attr, getattr(net, attr))
-
-    def _apply(self, fn, recurse=True):
-        self.params = {k: fn(v) for k, v in self.params.items()}
-        self.buffers_ = {k: fn(v) for k, v in self.buffers_.items()}
-        return super()._apply(fn, recurse)
-
-    def forward(self, x, sigma, labels=None):
-        call = lambda params, buffers: functional_call(self.base[0], (params, buffers), (x, sigma, labels))
-        denoised, guide = vmap(call)(self.params, self.buffers_).unbind(0)
-        return guide.lerp(denoised, self.guidance)
+# same_architecture and BatchedGuidance live in the library (training/guidance.py).

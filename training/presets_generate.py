@@ -47,6 +47,10 @@ class GenerateConfig:
     class_idx:      Optional[int]   = None      # Class of every image; None = random per seed.
     batch_size:     int             = 32        # Maximum images per network call.
     device:         str             = 'auto'    # auto | cuda | cuda:N | cpu | mps.
+    # Speed (the defaults are the reference numerics).
+    precision:      str             = 'fp32'    # fp32 | bf16 (autocast of the network calls).
+    channels_last:  bool            = False     # Channels-last weights and inputs.
+    batched_guidance: bool          = False     # net and gnet in one vmapped call if they share an architecture.
     # Sampler.
     sampler:        Optional[str]   = None      # training.sampling.SAMPLERS name; None = edm, or ablation if ablated.
     num_steps:      Optional[int]   = None      # Number of noise levels.
