@@ -49,7 +49,7 @@ def parse_seeds(ctx, param, value):
 @click.option('--device',                   help='auto | cuda | cuda:N | cpu | mps  [default: auto]',            type=str)
 @click.option('--precision',                help='Network precision (bf16 = autocast)  [default: fp32]',         type=click.Choice(['fp32', 'bf16']))
 @click.option('--channels-last', 'channels_last', help='Channels-last weights and inputs', is_flag=True, default=None)
-@click.option('--batched-guidance', 'batched_guidance', help='One batched call for net and gnet of the same architecture', is_flag=True, default=None)
+@click.option('--batched-guidance', 'batched_guidance', help='net and gnet in one batched call (same architecture) or overlapped on CUDA streams', is_flag=True, default=None)
 @click.option('--trust-pickle', 'trust_pickle', help='Load pickles that run their embedded code',              is_flag=True, default=None)
 @click.option('--dry-run', 'dry_run',       help='Print the resolved config and exit',                          is_flag=True)
 @dnnlib.util.cli_errors

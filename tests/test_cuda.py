@@ -127,3 +127,17 @@ def test_training_loop_bf16_on_cuda(tmp_path):
         cfg = build_config(preset, data=str(data), bf16=True, device='cuda', total_nimg=128, status_nimg=64)
         result = tl.training_loop(cfg, str(tmp_path / preset), DEVICE)
         assert result.cur_nimg >= 128
+
+
+@torch.no_grad()
+def test_overlapped_guidance_matches_sequential():
+    from training.guidance import OverlappedGuidance
+    net = edm2()
+    torch.manual_seed(5)
+    gnet = networks_edm2.Precond(img_resolution=16, img_channels=4, label_dim=10, model_channels=16,
+                                 channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8]).to(DEVICE).eval()
+    x, sigma, labels = inputs(4)
+    expected = gnet(x, sigma, labels).lerp(net(x, sigma, labels), 2.5)
+    out = OverlappedGuidance(net, gnet, 2.5)(x, sigma, labels)
+    torch.cuda.synchronize()
+    assert rel_err(out, expected) < 1e-6

@@ -211,6 +211,12 @@ def test_sampling_fast_paths_match_reference_numerics():
     assert (_images(net, gnet, guidance=2.0, batched_guidance=True) - reference).abs().max() <= 1
     assert (_images(net, gnet, guidance=2.0, channels_last=True) - reference).abs().max() <= 1
     assert (_images(net, gnet, guidance=2.0, channels_last=True, batched_guidance=True) - reference).abs().max() <= 1
+    other = tiny_net(label_dim=4, seed=2)  # another architecture: overlapped instead of batched
+    other = type(other)(**dict(other.init_kwargs, model_channels=8)).eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    assert (_images(net, other, guidance=2.0, batched_guidance=True) - _images(net, other, guidance=2.0)).abs().max() <= 1
     bf16 = _images(net, gnet, guidance=2.0, precision='bf16')
     assert (bf16 - reference).abs().float().mean() < 3
     with pytest.raises(ValueError, match='fp32 or bf16'):

@@ -57,3 +57,32 @@ class BatchedGuidance(torch.nn.Module):
         call = lambda params, buffers: functional_call(self.base[0], (params, buffers), (x, sigma, labels))
         denoised, guide = vmap(call)(self.params, self.buffers_).unbind(0)
         return guide.lerp(denoised, self.guidance)
+
+
+class OverlappedGuidance(torch.nn.Module):
+    """D_w = D_0 + w (D_1 - D_0) (Autoguidance Eq. 1) with gnet on a side CUDA stream, overlapping net.
+
+    For networks of different architectures (e.g. EDM2-XXL guided by EDM2-XS), where stacking is not
+    possible. Off CUDA the two calls simply run one after the other; the numbers are the same.
+    """
+
+    def __init__(self, net: torch.nn.Module, gnet: torch.nn.Module, guidance: float):
+        super().__init__()
+        self.net, self.gnet, self.guidance = net, gnet, guidance
+        self._streams = {}
+        for attr in ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max', 'round_sigma'):
+            if hasattr(net, attr):
+                setattr(self, attr, getattr(net, attr))
+
+    def forward(self, x, sigma, labels=None):
+        if x.device.type != 'cuda':
+            return self.gnet(x, sigma, labels).lerp(self.net(x, sigma, labels), self.guidance)
+        main = torch.cuda.current_stream(x.device)
+        side = self._streams.setdefault(x.device, torch.cuda.Stream(x.device))
+        side.wait_stream(main)  # inputs are ready before gnet reads them
+        with torch.cuda.stream(side):
+            guide = self.gnet(x, sigma, labels)
+        denoised = self.net(x, sigma, labels)
+        main.wait_stream(side)
+        guide.record_stream(main)  # the allocator must not reuse its memory before main is done with it
+        return guide.lerp(denoised, self.guidance)

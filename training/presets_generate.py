@@ -50,7 +50,7 @@ class GenerateConfig:
     # Speed (the defaults are the reference numerics).
     precision:      str             = 'fp32'    # fp32 | bf16 (autocast of the network calls).
     channels_last:  bool            = False     # Channels-last weights and inputs.
-    batched_guidance: bool          = False     # net and gnet in one vmapped call if they share an architecture.
+    batched_guidance: bool          = False     # net and gnet in one vmapped call (same architecture), else overlapped.
     # Sampler.
     sampler:        Optional[str]   = None      # training.sampling.SAMPLERS name; None = edm, or ablation if ablated.
     num_steps:      Optional[int]   = None      # Number of noise levels.

@@ -535,7 +535,7 @@ def generate_images(
     world_size      = 1,            # Number of processes splitting the seeds.
     precision       = 'fp32',       # 'fp32' (reference numerics) or 'bf16' (autocast of the network calls).
     channels_last   = False,        # Channels-last weights and inputs for the networks (CUDA speed-up).
-    batched_guidance= False,        # Evaluate net and gnet in one vmapped call when they share an architecture.
+    batched_guidance= False,        # net and gnet in one vmapped call if they share an architecture, else overlapped (CUDA).
     **sampler_kwargs,               # Options of the sampler, e.g. num_steps, guidance, S_churn.
 ) -> ImageBatches:
     """Images for the given seeds, identical for any batch size or number of ranks (EDM2 generate_images.py)."""
@@ -584,19 +584,23 @@ def precision_context(precision: str, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def apply_fast_paths(net, gnet, sampler_kwargs: dict, channels_last: bool, batched_guidance: bool):
-    """net + gnet folded into one batched call where they share an architecture; else channels-last weights.
+def apply_fast_paths(net, gnet, sampler_kwargs: dict, channels_last: bool, fast_guidance: bool):
+    """Fast guidance (net + gnet in one batched call if they share an architecture, else overlapped on
+    CUDA streams) and channels-last weights.
 
-    The two do not combine: vmap cannot query channels-last strides (torch 2.x), so batched guidance wins.
+    Batched guidance and channels-last do not combine (vmap cannot query channels-last strides in
+    torch 2.x): batched guidance wins.
     """
+    from training.guidance import BatchedGuidance, OverlappedGuidance, same_architecture
     guidance = sampler_kwargs.get('guidance', 1)
-    if batched_guidance and gnet is not None and guidance != 1:
-        from training.guidance import BatchedGuidance, same_architecture
-        if same_architecture(net, gnet):
-            return BatchedGuidance(net, gnet, guidance), None, dict(sampler_kwargs, guidance=1)
+    fold = fast_guidance and gnet is not None and guidance != 1
+    if fold and same_architecture(net, gnet):
+        return BatchedGuidance(net, gnet, guidance), None, dict(sampler_kwargs, guidance=1)
     if channels_last:
         net = ChannelsLast(net)
         gnet = ChannelsLast(gnet) if gnet is not None else None
+    if fold:
+        return OverlappedGuidance(net, gnet, guidance), None, dict(sampler_kwargs, guidance=1)
     return net, gnet, sampler_kwargs
 
 
