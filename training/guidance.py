@@ -14,6 +14,16 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 
+NET_ATTRIBUTES = ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max', 'round_sigma')
+
+
+def expose_net_attributes(wrapper: torch.nn.Module, net: torch.nn.Module) -> None:
+    """Give a wrapper the attributes samplers read from a net (resolution, channels, labels, sigma range)."""
+    for attr in NET_ATTRIBUTES:
+        if hasattr(net, attr):
+            setattr(wrapper, attr, getattr(net, attr))
+
+
 def same_architecture(net: torch.nn.Module, gnet: torch.nn.Module) -> bool:
     """True when the two networks have the same class, constructor arguments and tensor shapes."""
     if type(net) is not type(gnet) or getattr(net, 'init_kwargs', None) != getattr(gnet, 'init_kwargs', None):
@@ -40,13 +50,8 @@ class BatchedGuidance(torch.nn.Module):
         self.buffers_ = {k: v.detach().contiguous() for k, v in buffers.items()}
         base = copy.deepcopy(net).to('meta').to(memory_format=torch.contiguous_format)
         self.base = [base]  # a list keeps it out of this module's children
-        self.original = [net]
         self.guidance = guidance
-        for attr in ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max'):
-            if hasattr(net, attr):
-                setattr(self, attr, getattr(net, attr))
-        if hasattr(net, 'round_sigma'):
-            self.round_sigma = net.round_sigma
+        expose_net_attributes(self, net)
 
     def _apply(self, fn, recurse=True):
         self.params = {k: fn(v) for k, v in self.params.items()}
@@ -70,9 +75,7 @@ class OverlappedGuidance(torch.nn.Module):
         super().__init__()
         self.net, self.gnet, self.guidance = net, gnet, guidance
         self._streams = {}
-        for attr in ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max', 'round_sigma'):
-            if hasattr(net, attr):
-                setattr(self, attr, getattr(net, attr))
+        expose_net_attributes(self, net)
 
     def forward(self, x, sigma, labels=None):
         if x.device.type != 'cuda':

@@ -612,10 +612,9 @@ class ChannelsLast(torch.nn.Module):
 
     def __init__(self, net: torch.nn.Module):
         super().__init__()
+        from training.guidance import expose_net_attributes
         self.net = net.to(memory_format=torch.channels_last)
-        for attr in ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max', 'round_sigma', 'init_kwargs'):
-            if hasattr(net, attr):
-                setattr(self, attr, getattr(net, attr))
+        expose_net_attributes(self, net)
 
     def forward(self, x, sigma, labels=None, **kwargs):
         return self.net(x.contiguous(memory_format=torch.channels_last), sigma, labels, **kwargs).contiguous()
