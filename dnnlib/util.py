@@ -93,15 +93,6 @@ def format_time(seconds: float) -> str:
         return f'{s // 3600}h {(s // 60) % 60:02d}m {s % 60:02d}s'
     return f'{s // 86400}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m'
 
-def format_time_brief(seconds: float) -> str:
-    """Shortest human-readable duration, e.g. '1h 02m'."""
-    s = int(round(seconds))
-    if s < 60:
-        return f'{s}s'
-    if s < 60 * 60:
-        return f'{s // 60}m {s % 60:02d}s'
-    return f'{s // 3600}h {(s // 60) % 60:02d}m'
-
 def parse_int_list(spec: str | list[int] | None) -> list[int]:
     """Parse '0-63,100' or '1,2,5-7' into a list of ints; raise ValueError naming the bad part."""
     if spec is None:

@@ -160,6 +160,18 @@ def _setup(device: str, precision: str) -> tuple[torch.device, contextlib.Abstra
     autocast = torch.autocast(dev.type, dtype=PRECISIONS[precision]) if PRECISIONS[precision] else contextlib.nullcontext()
     return dev, autocast
 
+def _start(open_src: Callable[[], Source], dest: str, model: str, batch: int, device: str, precision: str) -> tuple:
+    """What encode and decode both need, checked in this order: writer, source, device, autocast, loaded VAE."""
+    from training.encoders import StabilityVAEEncoder
+    if batch < 1:
+        raise ValueError(f'--batch={batch} must be >= 1')
+    writer = ResumableWriter(dest)
+    src = open_src()
+    dev, autocast = _setup(device, precision)
+    vae = StabilityVAEEncoder(vae_name=model, batch_size=batch)
+    vae.init(dev)  # fail now, before any work, if the model is not available
+    return writer, src, dev, autocast, vae
+
 def _run(src: Source, writer: ResumableWriter, fnames: list[str], read_fn: Callable, compute_fn: Callable,
          batch: int, workers: int, progress: bool) -> int:
     """Compute this rank's missing outputs, then (rank 0) finish the dataset; returns the dataset size."""
@@ -205,14 +217,7 @@ def encode_dataset(
     progress:   bool = True,            # Show a tqdm progress bar?
 ) -> int:
     """Encode images into SD-VAE raw latents, 8 x H/8 x W/8 mean+std per image (EDM2 dataset_tool encode)."""
-    from training.encoders import StabilityVAEEncoder
-    if batch < 1:
-        raise ValueError(f'--batch={batch} must be >= 1')
-    writer = ResumableWriter(dest)
-    src = open_source(source, max_images)
-    dev, autocast = _setup(device, precision)
-    vae = StabilityVAEEncoder(vae_name=model, batch_size=batch)
-    vae.init(dev)  # fail now, before any work, if the model is not available
+    writer, src, dev, autocast, vae = _start(lambda: open_source(source, max_images), dest, model, batch, device, precision)
 
     def compute_fn(idxs, images):
         pixels = torch.from_numpy(images).to(dev).permute(0, 3, 1, 2)
@@ -242,14 +247,7 @@ def decode_dataset(
     progress:   bool = True,            # Show a tqdm progress bar?
 ) -> int:
     """Sample each stored posterior and decode it to a PNG (EDM2 dataset_tool decode)."""
-    from training.encoders import StabilityVAEEncoder
-    if batch < 1:
-        raise ValueError(f'--batch={batch} must be >= 1')
-    writer = ResumableWriter(dest)
-    src = open_latent_source(source, max_images)
-    dev, autocast = _setup(device, precision)
-    vae = StabilityVAEEncoder(vae_name=model, batch_size=batch)
-    vae.init(dev)
+    writer, src, dev, autocast, vae = _start(lambda: open_latent_source(source, max_images), dest, model, batch, device, precision)
 
     def compute_fn(idxs, latents):
         latents = torch.from_numpy(latents)
