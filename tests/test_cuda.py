@@ -141,3 +141,12 @@ def test_overlapped_guidance_matches_sequential():
     out = OverlappedGuidance(net, gnet, 2.5)(x, sigma, labels)
     torch.cuda.synchronize()
     assert rel_err(out, expected) < 1e-6
+
+
+def test_fid_setup_device_on_cuda():
+    # fid.py once passed a bare 'cuda' to torch.cuda.set_device(), which refuses it.
+    import fid
+    for name in ('cuda', 'auto'):
+        device = fid.setup_device(name)
+        assert device.type == 'cuda' and device.index == torch.cuda.current_device()
+    assert not torch.backends.cuda.matmul.allow_tf32

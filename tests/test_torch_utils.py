@@ -43,6 +43,20 @@ def test_choose_device():
         misc.choose_device('tpu')
 
 
+def test_device_for_rank_gives_cuda_an_index(monkeypatch):
+    # torch.cuda.set_device() refuses a bare 'cuda'; every rank needs its own index, already
+    # before init() (the world size then comes from torchrun's environment).
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 0)
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    monkeypatch.delenv('LOCAL_RANK', raising=False)
+    assert distributed.device_for_rank(torch.device('cuda')) == torch.device('cuda', 0)
+    monkeypatch.setenv('WORLD_SIZE', '4')
+    monkeypatch.setenv('LOCAL_RANK', '3')
+    assert distributed.device_for_rank(torch.device('cuda')) == torch.device('cuda', 3)
+    assert distributed.device_for_rank(torch.device('cuda', 1)) == torch.device('cuda', 1)
+    assert distributed.device_for_rank(torch.device('cpu')) == torch.device('cpu')
+
+
 def test_copy_params_and_buffers_and_constant():
     a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     misc.copy_params_and_buffers(a, b, require_all=True)

@@ -32,9 +32,12 @@ def init(device: torch.device | str | None = None, timeout_min: float = 30) -> N
     training_stats.init_multiprocessing(rank=get_rank(), sync_device=sync_device)
 
 def device_for_rank(device: torch.device) -> torch.device:
-    """On CUDA, give every local rank its own GPU; other devices are shared."""
-    if device.type == 'cuda' and device.index is None and get_world_size() > 1:
-        return torch.device('cuda', get_local_rank())
+    """On CUDA, give every local rank its own GPU (an explicit index, which torch.cuda.set_device
+    needs); other devices are shared. Works before init(): the world size comes from torchrun's env."""
+    if device.type == 'cuda' and device.index is None:
+        if int(os.environ.get('WORLD_SIZE', '1')) > 1:
+            return torch.device('cuda', get_local_rank())
+        return torch.device('cuda', torch.cuda.current_device())
     return device
 
 def get_rank() -> int:
