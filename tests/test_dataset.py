@@ -64,6 +64,18 @@ def test_images_and_labels(tmp_path, images, as_zip):
     batch_images, batch_labels = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
     assert batch_images.shape == (4, 3, 8, 8) and batch_labels.shape == (4, 5)
 
+@pytest.mark.skipif('fork' not in torch.multiprocessing.get_all_start_methods(), reason='fork start method is POSIX-only')
+def test_zip_reads_in_forked_workers(tmp_path):
+    # The parent has the zip open (the constructor reads image 0); forked workers must not share
+    # its file offset, or concurrent reads mix bytes (Bad CRC-32 / wrong pixels).
+    images = np.random.default_rng(1).integers(0, 256, size=[240, 16, 16, 3], dtype=np.uint8)
+    ds = ImageFolderDataset(make_png_dataset(tmp_path / 'ds', images, as_zip=True), use_labels=False)
+    ds[7]
+    loader = torch.utils.data.DataLoader(ds, batch_size=6, num_workers=2, multiprocessing_context='fork')
+    got = torch.cat([batch for batch, _labels in loader]).numpy()
+    np.testing.assert_array_equal(got, images.transpose(0, 3, 1, 2))
+    np.testing.assert_array_equal(ds[239][0], images[239].transpose(2, 0, 1)) # the parent's handle still reads
+
 def test_max_size_and_xflip(tmp_path, images):
     path = make_png_dataset(tmp_path / 'ds', images)
     ds = ImageFolderDataset(path, max_size=5, xflip=True, random_seed=7)

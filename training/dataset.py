@@ -183,6 +183,7 @@ class ImageFolderDataset(Dataset):
         self._path = os.fspath(path)
         self._use_pyspng = use_pyspng
         self._zipfile: Optional[zipfile.ZipFile] = None
+        self._zipfile_pid: Optional[int] = None
 
         if os.path.isdir(self._path):
             self._type = 'dir'
@@ -218,8 +219,11 @@ class ImageFolderDataset(Dataset):
 
     def _get_zipfile(self) -> zipfile.ZipFile:
         assert self._type == 'zip'
-        if self._zipfile is None:
+        # Each process needs its own handle: forked DataLoader workers would otherwise share the
+        # parent's file offset and read each other's bytes ('Bad CRC-32').
+        if self._zipfile is None or self._zipfile_pid != os.getpid():
             self._zipfile = zipfile.ZipFile(self._path)
+            self._zipfile_pid = os.getpid()
         return self._zipfile
 
     def _open_file(self, fname: str):
@@ -236,7 +240,7 @@ class ImageFolderDataset(Dataset):
             self._zipfile = None
 
     def __getstate__(self) -> dict:
-        return dict(super().__getstate__(), _zipfile=None)
+        return dict(super().__getstate__(), _zipfile=None, _zipfile_pid=None)
 
     def _describe(self, raw_idx: int) -> str:
         return f'{os.path.join(self._path, self._image_fnames[raw_idx])}'

@@ -332,9 +332,10 @@ def iterate_image_files(dataset, indices: np.ndarray, batch_size: int = 64, num_
     world, rank = dist.get_world_size(), dist.get_rank()
     num_batches = max((len(indices) - 1) // (batch_size * world) + 1, 1) * world
     rank_batches = [b.tolist() for b in np.array_split(indices, num_batches)[rank::world]]
+    # The platform's default start method (fork on Linux, as in the training loop): spawned workers
+    # re-import fid.py, torch and scipy each, which cost ~40 s before the first batch on a GPU host.
     loader = torch.utils.data.DataLoader(_CaughtItems(dataset), batch_sampler=rank_batches, num_workers=num_workers,
-        collate_fn=_collate_caught, prefetch_factor=(2 if num_workers > 0 else None),
-        multiprocessing_context=('spawn' if num_workers > 0 else None))
+        collate_fn=_collate_caught, prefetch_factor=(2 if num_workers > 0 else None))
     for batch_indices, images, errors in loader:
         if errors:
             raise ValueError(errors[0])
