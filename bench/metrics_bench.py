@@ -32,12 +32,18 @@ def make_detector(name: str, inception: str | None, dinov2: str | None) -> detec
         return detectors.DINOv2Detector(path=dinov2, allow_download=False)
     return detectors.DINOv2Detector(model=detectors.DINOv2ViT())
 
-def time_detector(det: detectors.Detector, num: int, batch: int, resolution: int, device: torch.device) -> dict:
-    """images/s over `num` images after one warm-up batch; uint8 input of the given resolution."""
+def time_detector(det: detectors.Detector, num: int, batch: int, resolution: int, device: torch.device,
+                  warmup: int = 2) -> dict:
+    """images/s over `num` images after `warmup` untimed batches (TorchScript optimises the graph on
+    its second call); uint8 input of the given resolution. The warm-up calls' times are reported too."""
     images = torch.randint(0, 256, [batch, 3, resolution, resolution], dtype=torch.uint8, device=device)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    det(images)
-    sync()
+    warmup_s = []
+    for _ in range(warmup):
+        start = time.perf_counter()
+        det(images)
+        sync()
+        warmup_s.append(round(time.perf_counter() - start, 3))
     start, done = time.perf_counter(), 0
     while done < num:
         det(images)
@@ -45,7 +51,8 @@ def time_detector(det: detectors.Detector, num: int, batch: int, resolution: int
     sync()
     seconds = time.perf_counter() - start
     return dict(detector=det.name, device=str(device), batch=batch, resolution=resolution, images=done,
-                seconds=round(seconds, 3), images_per_s=round(done / seconds, 2), threads=torch.get_num_threads())
+                seconds=round(seconds, 3), images_per_s=round(done / seconds, 2), warmup_s=warmup_s,
+                threads=torch.get_num_threads())
 
 #----------------------------------------------------------------------------
 
@@ -53,12 +60,13 @@ def time_detector(det: detectors.Detector, num: int, batch: int, resolution: int
 @click.option('--detectors', 'names', help='Which detectors', metavar='LIST', type=str, default='inception,dinov2', show_default=True)
 @click.option('--batch', help='Batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--num', help='Images to time per detector', metavar='INT', type=click.IntRange(min=1), default=256, show_default=True)
+@click.option('--warmup', help='Untimed batches first', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
 @click.option('--resolution', help='Input image side', metavar='INT', type=click.IntRange(min=8), default=32, show_default=True)
 @click.option('--device', help='Compute device', metavar='auto|cuda|cpu|mps', type=str, default='auto', show_default=True)
 @click.option('--detector', 'inception', help='Inception detector file [default: lookup]', metavar='PATH', type=str, default=None)
 @click.option('--dinov2', help='DINOv2 weights [default: random ViT-L/14]', metavar='PATH', type=str, default=None)
 @dnnlib.util.cli_errors
-def main(names, batch, num, resolution, device, inception, dinov2):
+def main(names, batch, num, warmup, resolution, device, inception, dinov2):
     """Time the feature detectors of fid.py."""
     device = misc.choose_device(device)
     if device.type == 'cuda':
@@ -68,7 +76,7 @@ def main(names, batch, num, resolution, device, inception, dinov2):
         if name not in ('inception', 'dinov2'):
             raise click.BadParameter(f'{name!r}: choose inception or dinov2', param_hint='--detectors')
         det = make_detector(name, inception, dinov2)
-        print(json.dumps(time_detector(det, num, batch, resolution, device)), flush=True)
+        print(json.dumps(time_detector(det, num, batch, resolution, device, warmup)), flush=True)
 
 if __name__ == '__main__':
     main()

@@ -83,3 +83,18 @@ def test_table_lists_ratios_and_skips():
     assert record['speedup'] == 3 and record['mem_ratio'] == 0.5
     table = run.format_table([record, dict(task='fid', config='inception-v3', skipped='no detector')])
     assert '3.00x' in table and '25.0%' in table and 'skipped: no detector' in table
+
+
+def test_detector_timing_counts_warmup_and_images():
+    from bench import metrics_bench
+    from training import detectors
+    calls = []
+
+    class Stub(detectors.Detector):
+        def __call__(self, images):
+            calls.append(tuple(images.shape))
+            return torch.zeros(images.shape[0], 4)
+
+    rec = metrics_bench.time_detector(Stub('stub', 4), num=10, batch=4, resolution=8, device=torch.device('cpu'), warmup=2)
+    assert calls == [(4, 3, 8, 8)] * 5 # 2 untimed + ceil(10 / 4) timed batches
+    assert rec['images'] == 12 and len(rec['warmup_s']) == 2 and rec['images_per_s'] > 0
