@@ -227,3 +227,15 @@ def test_reconstruction_rejects_bad_inputs(spec_run, tmp_path):
     with pytest.raises(ValueError, match='must be preceded by at least two floats'):
         phema.parse_std_list('0.01,...,0.05')
     assert np.allclose(phema.parse_std_list('0.010,0.015,...,0.250'), np.arange(10, 251, 5) / 1000)
+
+
+def test_snapshot_index_overrides_names_only_where_consistent(tmp_path):
+    for name in ('net-0000001-0.050.pkl', 'net-0000002-0.050.pkl', 'net-0000003-0.050.pkl'):
+        (tmp_path / name).write_bytes(b'')
+    phema.record_snapshots(tmp_path, ['net-0000001-0.050.pkl'], 1536)
+    phema.record_snapshots(tmp_path, ['net-0000002-0.050.pkl', 'net-0000003-0.050.pkl'], 2560)
+    # 2560 images do not match kimg 3 (a renamed file): the name wins there.
+    assert [p.nimg for p in phema.list_input_pickles(tmp_path)] == [1536, 2560, 3072]
+    (tmp_path / phema.SNAPSHOT_INDEX).write_text('{"net-0000001-0.050.pkl": "many"}')
+    with pytest.raises(ValueError, match='unreadable snapshot index .* delete it'):
+        phema.list_input_pickles(tmp_path)

@@ -297,3 +297,17 @@ def test_channels_last_training_matches_reference_layout(cifar, tmp_path):
     train(tmp_path / 'cl', channels_last=True, **common)
     # Convolutions sum in another order; Adam's normalisation amplifies that rounding (a step is 2e-3).
     assert_states_equal(load_state(tmp_path / 'nchw'), load_state(tmp_path / 'cl'), atol=1e-4)
+
+
+def test_edm2_snapshot_times_off_multiples_of_1024_are_recorded(cifar, tmp_path):
+    # Names hold kimg only: 1536 images reads back as 1024 from the name alone (as in the reference);
+    # the run's snapshot index keeps the exact count for reconstruct_phema.
+    from training import phema
+    cfg = build_config('tiny-edm2', data=cifar['c8'], total_nimg=3072, status_nimg=1536, snapshot_nimg=1536,
+                       checkpoint_nimg=None)
+    tl.training_loop(cfg, str(tmp_path), torch.device('cpu'))
+    listed = {(os.path.basename(p.path), p.nimg) for p in phema.list_input_pickles(tmp_path)}
+    assert listed == {('network-snapshot-0000001-0.050.pkl', 1536), ('network-snapshot-0000001-0.100.pkl', 1536),
+                      ('network-snapshot-0000003-0.050.pkl', 3072), ('network-snapshot-0000003-0.100.pkl', 3072)}
+    (tmp_path / phema.SNAPSHOT_INDEX).unlink()
+    assert {p.nimg for p in phema.list_input_pickles(tmp_path)} == {1024, 3072}

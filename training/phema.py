@@ -6,6 +6,7 @@ with one vectorised `torch._foreach_*` call per tracked profile.
 """
 
 import copy
+import json
 import os
 import re
 
@@ -190,11 +191,39 @@ def kimg_to_nimg(kimg):
     return nimg
 
 
+SNAPSHOT_INDEX = 'snapshot-nimg.json'
+
+
+def read_snapshot_index(in_dir):
+    """{snapshot file name: exact training images}, written by train.py beside EDM2 snapshots; {} if absent.
+    The names hold only kimg, from which the image count is exact only for multiples of 1024 images."""
+    path = os.path.join(in_dir, SNAPSHOT_INDEX)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, 'r', encoding='utf-8') as f:
+            index = json.load(f)
+        if not isinstance(index, dict) or not all(isinstance(v, int) and v >= 0 for v in index.values()):
+            raise ValueError('expected {"<snapshot>.pkl": <images>, ...}')
+    except (OSError, ValueError) as err:
+        raise ValueError(f'{path}: unreadable snapshot index ({err}); delete it to fall back to the times in the file names') from None
+    return index
+
+
+def record_snapshots(run_dir, names, nimg):
+    """Add the snapshots just saved (file names) at training time nimg to the run's snapshot index."""
+    index = read_snapshot_index(run_dir)
+    index.update({name: int(nimg) for name in names})
+    with dnnlib.util.atomic_write(os.path.join(run_dir, SNAPSHOT_INDEX), 'w') as f:
+        json.dump(dict(sorted(index.items())), f, indent=1)
+
+
 def list_input_pickles(in_dir, in_prefix=None, in_std=None):
     """Snapshots <prefix>-<kimg>-<std>.pkl in in_dir as EasyDict(path, nimg, std, prefix), sorted by (nimg, std)."""
     if not os.path.isdir(in_dir):
         raise ValueError(f'Input directory does not exist: {in_dir}')
     in_std = set(in_std) if in_std is not None else None
+    index = read_snapshot_index(in_dir)
     pkls = []
     with os.scandir(in_dir) as entries:
         for entry in entries:
@@ -204,10 +233,12 @@ def list_input_pickles(in_dir, in_prefix=None, in_std=None):
             prefix, kimg, std = match.group(1), int(match.group(2)), float(match.group(3))
             if (in_prefix is not None and prefix != in_prefix) or (in_std is not None and std not in in_std):
                 continue
-            try:
-                nimg = kimg_to_nimg(kimg)
-            except ValueError as err:
-                raise ValueError(f'{entry.path}: {err}') from None
+            nimg = index.get(entry.name)
+            if nimg is None or nimg // 1000 != kimg: # not indexed, or renamed since
+                try:
+                    nimg = kimg_to_nimg(kimg)
+                except ValueError as err:
+                    raise ValueError(f'{entry.path}: {err}') from None
             pkls.append(dnnlib.EasyDict(path=entry.path, nimg=nimg, std=std, prefix=prefix))
     return sorted(pkls, key=lambda pkl: (pkl.nimg, pkl.std))
 

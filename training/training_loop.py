@@ -476,6 +476,8 @@ def save_snapshot(ctx) -> list[str]:
             data.ema = copy.deepcopy(ema_net).cpu().eval().requires_grad_(False).to(torch.float16)
             paths.append(os.path.join(ctx.run_dir, f'network-snapshot-{_kimg_name(ctx)}{suffix}.pkl'))
             persistence.save_pickle(data, paths[-1])
+        from training import phema
+        phema.record_snapshots(ctx.run_dir, [os.path.basename(p) for p in paths], ctx.cur_nimg)
     logger.info(f'Saved {", ".join(os.path.basename(p) for p in paths)}')
     return paths
 
