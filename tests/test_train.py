@@ -311,3 +311,17 @@ def test_edm2_snapshot_times_off_multiples_of_1024_are_recorded(cifar, tmp_path)
                       ('network-snapshot-0000003-0.050.pkl', 3072), ('network-snapshot-0000003-0.100.pkl', 3072)}
     (tmp_path / phema.SNAPSHOT_INDEX).unlink()
     assert {p.nimg for p in phema.list_input_pickles(tmp_path)} == {1024, 3072}
+
+
+def test_zip_dataset_with_worker_processes_trains_like_the_main_process(cifar, tmp_path):
+    # DataLoader worker processes feed the same batches in the same order: the same weights. (The shared
+    # zip handle bug itself is caught by test_dataset.py::test_zip_reads_in_forked_workers.)
+    import zipfile
+    archive = tmp_path / 'c8.zip'
+    with zipfile.ZipFile(archive, 'w') as z:
+        for name in sorted(os.listdir(cifar['c8'])):
+            z.write(os.path.join(cifar['c8'], name), name)
+    common = dict(data=str(archive), total_nimg=128, status_nimg=None, snapshot_nimg=None, checkpoint_nimg=None)
+    train(tmp_path / 'main', workers=0, **common)
+    train(tmp_path / 'workers', workers=2, **common)
+    assert_states_equal(load_state(tmp_path / 'main'), load_state(tmp_path / 'workers'))
