@@ -239,3 +239,6 @@ def test_snapshot_index_overrides_names_only_where_consistent(tmp_path):
     (tmp_path / phema.SNAPSHOT_INDEX).write_text('{"net-0000001-0.050.pkl": "many"}')
     with pytest.raises(ValueError, match='unreadable snapshot index .* delete it'):
         phema.list_input_pickles(tmp_path)
+    with pytest.warns(UserWarning, match='starting a new index'): # training keeps going
+        phema.record_snapshots(tmp_path, ['net-0000003-0.050.pkl'], 3500)
+    assert [p.nimg for p in phema.list_input_pickles(tmp_path)] == [1024, 2048, 3500]

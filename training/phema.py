@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import re
+import warnings
 
 import numpy as np
 import torch
@@ -211,8 +212,13 @@ def read_snapshot_index(in_dir):
 
 
 def record_snapshots(run_dir, names, nimg):
-    """Add the snapshots just saved (file names) at training time nimg to the run's snapshot index."""
-    index = read_snapshot_index(run_dir)
+    """Add the snapshots just saved (file names) at training time nimg to the run's snapshot index.
+    An unreadable index is started afresh with a warning rather than stopping the training run."""
+    try:
+        index = read_snapshot_index(run_dir)
+    except ValueError as err:
+        warnings.warn(f'{err}; starting a new index (older snapshots fall back to the times in their names)')
+        index = {}
     index.update({name: int(nimg) for name in names})
     with dnnlib.util.atomic_write(os.path.join(run_dir, SNAPSHOT_INDEX), 'w') as f:
         json.dump(dict(sorted(index.items())), f, indent=1)
