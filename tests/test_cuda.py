@@ -198,5 +198,12 @@ def test_scripts_end_to_end_on_cuda(tmp_path):
     script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1', 'generate.py', f'--net={snapshot}',
            '--seeds=0-7', '--steps=8', f'--outdir={tmp_path / "torchrun"}', '--device=cuda')
     assert len(glob.glob(str(tmp_path / 'torchrun' / '*.png'))) == 8
+    script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1', 'train.py', '--preset=tiny-edm',
+           f'--data={qs / "dataset-16x16.zip"}', f'--outdir={tmp_path / "torchrun-train"}', '--duration=0.000256',
+           '--device=cuda', '--workers=2')
+    assert glob.glob(str(tmp_path / 'torchrun-train' / '**' / 'network-snapshot-*.pkl'), recursive=True)
+    # '--' keeps torchrun from reading fid.py's --num as an abbreviation of its own --numa-binding.
+    script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1', '--', 'fid.py', 'calc',
+           f'--images={tmp_path / "torchrun"}', f'--ref={qs / "dataset-ref.npz"}', '--num=8', '--device=cuda')
     out = script('fid.py', 'gen', f'--net={snapshot}', f'--ref={qs / "dataset-ref.npz"}', '--num=8', '--steps=8', '--device=cuda')
     assert re.search(r'^fid = \d', out, re.MULTILINE), out[-2000:]
