@@ -3,6 +3,7 @@ Generative Models") or the EDM2 recipe ("Analyzing and Improving the Training Dy
 Diffusion Models"). Options left out keep the values of --preset (training/presets.py)."""
 
 import json
+import os
 import re
 import warnings
 
@@ -57,7 +58,7 @@ def overrides_from_options(opts: dict) -> dict:
               model_channels=o.pop('cbase'), channel_mult=_int_list(o.pop('cres')), P_mean=o.pop('P_mean'),
               P_std=o.pop('P_std'), fp16=o.pop('fp16'), bf16=o.pop('bf16'), loss_scaling=o.pop('ls'),
               seed=o.pop('seed'), device=o.pop('device'), compile=o.pop('compile'), channels_last=o.pop('channels_last'),
-              deterministic=o.pop('deterministic'), workers=o.pop('workers'), cache=o.pop('cache'),
+              deterministic=o.pop('deterministic'), cudnn_benchmark=o.pop('bench'), workers=o.pop('workers'), cache=o.pop('cache'),
               transfer=o.pop('transfer'), resume=o.pop('resume'), status_nimg=o.pop('status'),
               snapshot_nimg=o.pop('snapshot'), checkpoint_nimg=o.pop('checkpoint'))
     tick, snap, dump = o.pop('tick'), o.pop('snap'), o.pop('dump')
@@ -75,10 +76,37 @@ def overrides_from_options(opts: dict) -> dict:
     return {k: v for k, v in ov.items() if v is not None}
 
 
+def run_description(cfg: presets.TrainConfig, world_size: int, desc: str) -> str:
+    """EDM's run name: <dataset>-<cond|uncond>-<arch>-<precond>-gpus<N>-batch<B>-<dtype>-<desc>."""
+    dataset = os.path.splitext(os.path.basename(os.path.normpath(cfg.data)))[0]
+    dtype = 'fp16' if cfg.fp16 else 'bf16' if cfg.bf16 else 'fp32'
+    return (f'{dataset}-{"cond" if cfg.cond else "uncond"}-{cfg.arch}-{cfg.precond}-gpus{world_size}'
+            f'-batch{cfg.batch_size}-{dtype}-{desc}')
+
+
+def numbered_run_dir(outdir: str, name: str) -> str:
+    """<outdir>/<NNNNN>-<name> with the next free run number, as EDM names its run directories."""
+    taken = [int(m.group()) for entry in (os.listdir(outdir) if os.path.isdir(outdir) else [])
+             if os.path.isdir(os.path.join(outdir, entry)) and (m := re.match(r'\d+', entry))]
+    return os.path.join(outdir, f'{max(taken, default=-1) + 1:05d}-{name}')
+
+
+def choose_run_dir(outdir: str, cfg: presets.TrainConfig, desc: str | None, nosubdir: bool) -> str:
+    """--outdir itself, or with --desc (and no --nosubdir) a new numbered subfolder, the same on every rank."""
+    if desc is None or nosubdir:
+        return outdir
+    run_dir = [numbered_run_dir(outdir, run_description(cfg, dist.get_world_size(), desc))]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(run_dir, src=0)
+    return run_dir[0]
+
+
 @click.command(context_settings=dict(show_default=True))
 # Main options.
 @click.option('--preset',        help='Configuration preset', metavar='NAME', type=click.Choice(list(presets.PRESETS)), default=presets.DEFAULT_PRESET)
 @click.option('--outdir',        help='Run directory; rerun the same command to resume', metavar='DIR', type=str)
+@click.option('--desc',          help='EDM: make a numbered run folder in --outdir named with this', metavar='STR', type=str)
+@click.option('--nosubdir',      help='EDM: no numbered run folder, even with --desc', is_flag=True)
 @click.option('--data',          help='Dataset folder or zip', metavar='ZIP|DIR', type=str)
 @click.option('--cond',          help='Train class-conditional model', metavar='BOOL', type=bool)
 @click.option('--arch',          help='Network architecture', type=click.Choice(list(presets.ARCHS)))
@@ -108,6 +136,7 @@ def overrides_from_options(opts: dict) -> dict:
 @click.option('--channels-last', help='Channels-last weights (conv nets)', metavar='BOOL', type=bool)
 @click.option('--compile/--no-compile', help='torch.compile the network', default=None)
 @click.option('--deterministic/--no-deterministic', help='Deterministic algorithms', default=None)
+@click.option('--bench',         help='cuDNN benchmarking (off with --deterministic)', metavar='BOOL', type=bool)
 @click.option('--workers',       help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0))
 @click.option('--cache',         help='Cache dataset in CPU memory', metavar='BOOL', type=bool)
 @click.option('--device',        help='auto|cuda|cpu|mps', metavar='STR', type=str)
@@ -123,7 +152,7 @@ def overrides_from_options(opts: dict) -> dict:
 @click.option('--resume',        help='Resume from training-state-*.pt', metavar='PT', type=str)
 @click.option('-n', '--dry-run', help='Print the resolved config and exit', is_flag=True)
 @dnnlib.util.cli_errors
-def main(outdir, dry_run, **opts):
+def main(outdir, desc, nosubdir, dry_run, **opts):
     """Train a diffusion model (EDM or EDM2 recipe).
 
     Examples:
@@ -156,9 +185,10 @@ def main(outdir, dry_run, **opts):
     dist.init(device)
     device = dist.device_for_rank(device)
     presets.check_batch(cfg, dist.get_world_size())
+    run_dir = choose_run_dir(outdir, cfg, desc, nosubdir)
     dist.install_signal_handlers()
-    result = training_loop(cfg, run_dir=outdir, device=device)
-    dist.print0(f'Run directory: {outdir} ({result.cur_nimg / 1e3:.1f} kimg)')
+    result = training_loop(cfg, run_dir=run_dir, device=device)
+    dist.print0(f'Run directory: {run_dir} ({result.cur_nimg / 1e3:.1f} kimg)')
 
 
 if __name__ == '__main__':

@@ -158,3 +158,30 @@ def test_bad_input_gives_one_clear_line(cifar, tmp_path, case):  # noqa: F811
     assert len(error_lines) == 1 and expected in error_lines[0], result.output
     assert 'Traceback' not in result.output
     assert not os.path.exists(outdir)
+
+
+def test_edm_desc_makes_numbered_run_folders(cifar, tmp_path, monkeypatch):  # noqa: F811
+    # EDM's --desc/--nosubdir: <outdir>/<NNNNN>-<dataset>-<cond>-<arch>-<precond>-gpus<N>-batch<B>-<dtype>-<desc>.
+    monkeypatch.setattr(dist, 'install_signal_handlers', lambda: None)
+    (tmp_path / '00007-older-run').mkdir()
+    (tmp_path / 'notes').mkdir()
+    args = ['--preset=tiny-edm', f'--data={cifar["c8"]}', f'--outdir={tmp_path}', '--batch=16', '--duration=0.000016',
+            '--status=16', '--desc=try']
+    for _ in range(2):
+        result = invoke(args)
+        assert result.exit_code == 0, result.output
+    name = 'c8-uncond-ddpmpp-edm-gpus1-batch16-fp32-try'
+    assert sorted(os.listdir(tmp_path)) == ['00007-older-run', f'00008-{name}', f'00009-{name}', 'notes']
+    assert os.path.isfile(tmp_path / f'00009-{name}' / 'training-state-000000.pt')
+    assert f'Run directory: {tmp_path / f"00009-{name}"}' in result.output
+    result = invoke(args + ['--nosubdir', '--duration=0.000032'])
+    assert result.exit_code == 0, result.output
+    assert os.path.isfile(tmp_path / 'training-state-000000.pt') # --outdir itself is the run folder
+    assert sorted(d for d in os.listdir(tmp_path) if os.path.isdir(tmp_path / d)) == [
+        '00007-older-run', f'00008-{name}', f'00009-{name}', 'notes']
+
+
+def test_bench_option_sets_cudnn_benchmarking():
+    cfg = json.loads(invoke(['--preset=tiny-edm', '-n', '--bench=0']).output.split('Training config:', 1)[1].rsplit('Dry run', 1)[0])
+    assert cfg['cudnn_benchmark'] is False
+    assert train.presets.build_config('tiny-edm').cudnn_benchmark is True

@@ -74,6 +74,7 @@ class TrainConfig:
     compile:            bool                    = False     # torch.compile the network.
     channels_last:      bool                    = False     # Channels-last weights for the conv nets (inputs stay NCHW).
     deterministic:      bool                    = False     # torch.use_deterministic_algorithms.
+    cudnn_benchmark:    bool                    = True      # cuDNN autotuning (EDM --bench); off when deterministic.
     workers:            int                     = 1         # DataLoader worker processes.
     cache:              bool                    = True      # Keep the dataset in CPU memory.
     transfer:           Optional[str]           = None      # Initialise weights from a network pickle.

@@ -168,7 +168,7 @@ def _init_runtime(cfg: TrainConfig, device: torch.device) -> None:
     torch.manual_seed(step_seed(cfg.seed, dist.get_rank(), 0))
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and not cfg.deterministic
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
