@@ -41,6 +41,13 @@ class NimgType(click.ParamType):
         return value if isinstance(value, int) else parse_nimg(value, self.plain_unit)
 
 
+def _check_desc(ctx, param, value):
+    """--desc names a folder: non-empty, no path separators."""
+    if value is not None and (not value or '/' in value or os.sep in value):
+        raise click.BadParameter(f'{value!r} must be a non-empty name without path separators')
+    return value
+
+
 def _int_list(value):
     try:
         return tuple(dnnlib.util.parse_int_list(value)) if value is not None else None
@@ -105,7 +112,7 @@ def choose_run_dir(outdir: str, cfg: presets.TrainConfig, desc: str | None, nosu
 # Main options.
 @click.option('--preset',        help='Configuration preset', metavar='NAME', type=click.Choice(list(presets.PRESETS)), default=presets.DEFAULT_PRESET)
 @click.option('--outdir',        help='Run directory; rerun the same command to resume', metavar='DIR', type=str)
-@click.option('--desc',          help='EDM: make a numbered run folder in --outdir named with this', metavar='STR', type=str)
+@click.option('--desc',          help='EDM: make a numbered run folder in --outdir named with this', metavar='STR', type=str, callback=_check_desc)
 @click.option('--nosubdir',      help='EDM: no numbered run folder, even with --desc', is_flag=True)
 @click.option('--data',          help='Dataset folder or zip', metavar='ZIP|DIR', type=str)
 @click.option('--cond',          help='Train class-conditional model', metavar='BOOL', type=bool)

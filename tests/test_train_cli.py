@@ -181,6 +181,14 @@ def test_edm_desc_makes_numbered_run_folders(cifar, tmp_path, monkeypatch):  # n
         '00007-older-run', f'00008-{name}', f'00009-{name}', 'notes']
 
 
+def test_bad_desc_is_one_line_and_writes_nothing(cifar, tmp_path):  # noqa: F811
+    result = CliRunner().invoke(train.main, ['--preset=tiny-edm', f'--data={cifar["c8"]}', f'--outdir={tmp_path / "runs"}',
+                                             '--desc=a/b'])
+    assert result.exit_code == 2 and "'--desc': 'a/b' must be a non-empty name without path separators" in result.output
+    assert 'Training config' not in result.output
+    assert not (tmp_path / 'runs').exists()
+
+
 def test_bench_option_sets_cudnn_benchmarking():
     cfg = json.loads(invoke(['--preset=tiny-edm', '-n', '--bench=0']).output.split('Training config:', 1)[1].rsplit('Dry run', 1)[0])
     assert cfg['cudnn_benchmark'] is False
