@@ -10,6 +10,8 @@ COPY pyproject.toml README.md ./
 COPY dnnlib dnnlib
 COPY torch_utils torch_utils
 COPY training training
+COPY bench bench
+COPY quickstart quickstart
 COPY *.py ./
 # Dependencies (keep in sync with pyproject.toml; tests/test_packaging.py checks it).
 RUN pip install --no-cache-dir numpy click Pillow scipy psutil requests tqdm diffusers \

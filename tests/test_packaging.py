@@ -43,3 +43,9 @@ def test_version_string_matches_pyproject():
     with open(ROOT / 'pyproject.toml', 'rb') as f:
         assert tomllib.load(f)['project']['version'] == training.__version__
     assert f'## {training.__version__}' in (ROOT / 'CHANGELOG.md').read_text()
+
+
+def test_dockerfile_copies_what_the_scripts_need():
+    # quickstart.py reads quickstart/cifar10-mini.zip; `python -m bench` needs bench/.
+    copied = set(re.findall(r'^COPY (\S+) ', (ROOT / 'Dockerfile').read_text(), re.M))
+    assert {'dnnlib', 'torch_utils', 'training', 'bench', 'quickstart', '*.py'} <= copied
