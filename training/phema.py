@@ -21,23 +21,23 @@ import dnnlib
 
 def exp_to_std(exp):
     """Relative standard deviation of a power function EMA profile (EDM2 Eq. 123)."""
-    gamma = np.float64(exp)
+    gamma = np.asarray(exp, dtype=np.float64)
     return np.sqrt((gamma + 1) / (gamma + 2) ** 2 / (gamma + 3))
 
 
 def std_to_exp(std):
     """Exponent gamma of the profile with the given relative std (EDM2 Eq. 126, Algorithm 2)."""
-    std = np.float64(std)
+    std = np.asarray(std, dtype=np.float64)
     # sigma_rel^-2 = (gamma+2)^2 (gamma+3) / (gamma+1) is a cubic in gamma; take its largest real root.
     inv_var = std.reshape(-1) ** -2
     roots = [np.roots([1, 7, 16 - v, 12 - v]).real.max() for v in inv_var]
-    return np.float64(roots).reshape(std.shape)
+    return np.asarray(roots, dtype=np.float64).reshape(std.shape)
 
 
 def power_function_response(ofs, std, len, axis=0):
     """Discrete power function EMA profiles over t = 0..len-1, normalised to unit sum (EDM2 Eqs. 108, 121)."""
     ofs, std = np.broadcast_arrays(ofs, std)
-    t_end = np.expand_dims(np.float64(ofs), axis)
+    t_end = np.expand_dims(np.asarray(ofs, dtype=np.float64), axis)
     gamma = np.expand_dims(std_to_exp(std), axis)
     shape = [1] * gamma.ndim
     shape[axis] = -1
@@ -69,8 +69,8 @@ def solve_posthoc_coefficients(in_ofs, in_std, out_ofs, out_std):
     """Least-squares weights [in, out] that combine stored profiles into target ones (EDM2 Algorithm 3)."""
     in_ofs, in_std = np.broadcast_arrays(in_ofs, in_std)
     out_ofs, out_std = np.broadcast_arrays(out_ofs, out_std)
-    col = lambda x: np.float64(x).reshape(-1, 1)
-    row = lambda x: np.float64(x).reshape(1, -1)
+    col = lambda x: np.asarray(x, dtype=np.float64).reshape(-1, 1)
+    row = lambda x: np.asarray(x, dtype=np.float64).reshape(1, -1)
     gram = power_function_correlation(col(in_ofs), col(in_std), row(in_ofs), row(in_std))
     rhs = power_function_correlation(col(in_ofs), col(in_std), row(out_ofs), row(out_std))
     coefs = np.linalg.solve(gram, rhs)
