@@ -1,7 +1,7 @@
 # CUDA PyTorch base image; the project and its dependencies on top.
 #   docker build -t edm .
 #   docker run --gpus all -it --rm --user $(id -u):$(id -g) -v `pwd`:/scratch -w /scratch edm python generate.py --help
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+FROM pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 DNNLIB_CACHE_DIR=/scratch/.cache/dnnlib HF_HOME=/scratch/.cache/huggingface
 

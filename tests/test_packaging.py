@@ -49,3 +49,15 @@ def test_dockerfile_copies_what_the_scripts_need():
     # quickstart.py reads quickstart/cifar10-mini.zip; `python -m bench` needs bench/.
     copied = set(re.findall(r'^COPY (\S+) ', (ROOT / 'Dockerfile').read_text(), re.M))
     assert {'dnnlib', 'torch_utils', 'training', 'bench', 'quickstart', '*.py'} <= copied
+
+
+def test_python_and_torch_floors_agree():
+    # diffusers (the SD VAE) needs torch >= 2.6 (torch.accelerator); `X | None` annotations need Python 3.10.
+    with open(ROOT / 'pyproject.toml', 'rb') as f:
+        project = tomllib.load(f)['project']
+    torch_floor = next(d for d in project['dependencies'] if _name(d) == 'torch').split('>=')[1]
+    env = (ROOT / 'environment.yml').read_text()
+    assert project['requires-python'] == '>=3.10' and '- python>=3.10' in env
+    assert torch_floor == '2.6' and f'- pytorch>={torch_floor}' in env and '- pytorch\n' not in env.split('dependencies:')[0]
+    base = re.search(r'^FROM pytorch/pytorch:(\d+)\.(\d+)', (ROOT / 'Dockerfile').read_text(), re.M)
+    assert (int(base.group(1)), int(base.group(2))) >= tuple(int(v) for v in torch_floor.split('.'))
