@@ -193,3 +193,25 @@ def test_bench_option_sets_cudnn_benchmarking():
     cfg = json.loads(invoke(['--preset=tiny-edm', '-n', '--bench=0']).output.split('Training config:', 1)[1].rsplit('Dry run', 1)[0])
     assert cfg['cudnn_benchmark'] is False
     assert train.presets.build_config('tiny-edm').cudnn_benchmark is True
+
+
+def _run_dir_worker(rank, port, results):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2')
+    dist.init(torch.device('cpu'))
+    # Each rank lists --outdir at its own moment and may see other folders; rank 0's choice must win.
+    train.numbered_run_dir = lambda outdir, name: os.path.join(outdir, f'0000{rank}-{name}')
+    cfg = build_config('tiny-edm', data='datasets/c8.zip')
+    results[rank] = train.choose_run_dir('runs', cfg, 'x', nosubdir=False)
+    dist.shutdown()
+
+
+def test_numbered_run_dir_is_rank0s_on_every_rank():
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_run_dir_worker, args=(port, results), nprocs=2, join=True)
+    expected = os.path.join('runs', '00000-c8-uncond-ddpmpp-edm-gpus2-batch32-fp32-x')
+    assert dict(results) == {0: expected, 1: expected}
