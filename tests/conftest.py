@@ -1,6 +1,7 @@
 """Shared fixtures: locations of the read-only reference facts and real data."""
 
 import pathlib
+import socket
 
 import pytest
 import torch
@@ -9,6 +10,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / 'shared'
 SPEC = SHARED / 'spec'
 ASSETS = SHARED / 'assets'
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for torch.distributed rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -1,19 +1,14 @@
 """Statistics split over 2 gloo processes equal those of one process (the torchrun path of fid.py)."""
 
 import os
-import socket
 
 import numpy as np
 import torch
 import torch.multiprocessing as mp
 
 from training import detectors, metrics
+from tests.conftest import free_port
 from tests.test_metrics import tiny_vit
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 def _worker(rank, world_size, port, state_dict, images, out_dir):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
@@ -32,7 +27,7 @@ def _worker(rank, world_size, port, state_dict, images, out_dir):
 def test_two_process_statistics_equal_single_process(tmp_path):
     net = tiny_vit(seed=2)
     images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    mp.spawn(_worker, args=(2, _free_port(), net.state_dict(), images, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), net.state_dict(), images, str(tmp_path)), nprocs=2, join=True)
 
     det = detectors.DINOv2Detector(model=net)
     acc = metrics.StatsAccumulator(['fd_dinov2'], {'dinov2': det}, torch.device('cpu'))

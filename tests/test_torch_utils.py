@@ -1,13 +1,13 @@
 """torch_utils: sampler resume, device choice, training stats, and a real 2-process gloo run."""
 
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests.conftest import free_port
 from torch_utils import distributed, misc, training_stats
 
 
@@ -112,9 +112,7 @@ def _worker(rank, world_size, port, results):
 
 
 def test_two_process_gloo_reduces_stats_and_checks_consistency():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     manager = mp.Manager()
     results = manager.dict()
     mp.spawn(_worker, args=(2, port, results), nprocs=2, join=True)

@@ -6,14 +6,13 @@ import json
 import os
 import pickle
 import signal
-import socket
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
-from tests.conftest import ASSETS
+from tests.conftest import ASSETS, free_port
 from torch_utils import distributed as dist
 from torch_utils import persistence
 from training import training_loop as tl
@@ -218,9 +217,7 @@ def _ddp_worker(rank, port, run_dir, data):
 
 
 def test_two_process_gloo_equals_one_process(cifar, tmp_path, monkeypatch):
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
+    port = free_port()
     torch.multiprocessing.spawn(_ddp_worker, args=(port, str(tmp_path / 'ddp'), cifar['c8']), nprocs=2, join=True)
     deterministic_noise(monkeypatch)
     train(tmp_path / 'single', 'tiny-edm2', data=cifar['c8'], total_nimg=32, batch_size=16, P_mean=-0.5, P_std=0.0,

@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 import train
+from tests.conftest import free_port
 from tests.test_train import cifar  # noqa: F401  (module fixture)
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
@@ -206,12 +207,8 @@ def _run_dir_worker(rank, port, results):
 
 
 def test_numbered_run_dir_is_rank0s_on_every_rank():
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        port = sock.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_run_dir_worker, args=(port, results), nprocs=2, join=True)
+    port = free_port()
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_run_dir_worker, args=(port, results), nprocs=2, join=True)
     expected = os.path.join('runs', '00000-c8-uncond-ddpmpp-edm-gpus2-batch32-fp32-x')
     assert dict(results) == {0: expected, 1: expected}
