@@ -1,17 +1,14 @@
-"""One training loop for the EDM and EDM2 recipes: setup -> step -> maintenance.
+"""One training loop for every recipe: setup -> step -> maintenance.
 
-EDM recipe (Karras et al. 2022): Adam, linear learning-rate ramp-up, EMA with a
-half-life in Mimg and ramp-up, optional non-leaking augmentation.
-EDM2 recipe (Karras et al. 2024): Adam(0.9, 0.99), inverse-square-root decay
-(EDM2 Eq. 67), forced weight normalisation in the network, post-hoc power-function
-EMA (EDM2 Sec. 3), latents from an encoder.
+What the recipes decide differently (encoder, EMA, learning-rate schedule, gradient
+cleaning, snapshot names and contents, stats.jsonl format) is asked of a recipe object
+(training/recipes.py): EDM (Karras et al. 2022) and EDM2 (Karras et al. 2024).
 
 Every step reseeds the RNG from (seed, rank, cur_nimg) and the data sampler starts
 at cur_nimg, so rerunning a command continues exactly where the last training state
 stopped. Rank 0 writes every file, atomically.
 """
 
-import copy
 import json
 import logging
 import os
@@ -30,6 +27,8 @@ from torch_utils import persistence
 from torch_utils import training_stats
 from training.loss import EDM2Loss  # noqa: F401  (reference pickles name training.training_loop.EDM2Loss)
 from training.presets import TrainConfig, check_batch, to_json
+from training.recipes import learning_rate_schedule  # noqa: F401  (public name of this module)
+from training.recipes import make_recipe
 
 STATE_FORMAT_VERSION = 1
 logger = logging.getLogger('edm.training')
@@ -40,16 +39,6 @@ class NonFiniteLossError(dnnlib.util.UserError):
 
 #----------------------------------------------------------------------------
 # Schedules and seeds.
-
-
-def learning_rate_schedule(cur_nimg, batch_size, ref_lr=100e-4, ref_batches=70e3, rampup_Mimg=10):
-    """alpha_ref / sqrt(max(t / t_ref, 1)) with a linear ramp-up (EDM2 Eq. 67; EDM: no decay)."""
-    lr = ref_lr
-    if ref_batches > 0:
-        lr /= np.sqrt(max(cur_nimg / (ref_batches * batch_size), 1))
-    if rampup_Mimg > 0:
-        lr *= min(cur_nimg / (rampup_Mimg * 1e6), 1)
-    return lr
 
 
 def step_seed(seed: int, rank: int, cur_nimg: int) -> int:
@@ -151,18 +140,6 @@ def open_dataset(cfg: TrainConfig):
     return dataset, kwargs
 
 
-def make_encoder(cfg: TrainConfig, dataset):
-    """EDM2: RGB pixels (3 channels) or SD-VAE latent statistics (8 channels); EDM: None (pixels)."""
-    if cfg.recipe != 'edm2':
-        return None, None
-    names = {3: 'training.encoders.StandardRGBEncoder', 8: 'training.encoders.StabilityVAEEncoder'}
-    if dataset.num_channels not in names:
-        raise ValueError(f'--data={cfg.data}: unsupported channel count {dataset.num_channels} '
-                         f'(EDM2 needs 3 for RGB or 8 for VAE latents)')
-    kwargs = dnnlib.EasyDict(class_name=names[dataset.num_channels])
-    return dnnlib.util.construct_class_by_name(**kwargs), kwargs
-
-
 def _init_runtime(cfg: TrainConfig, device: torch.device) -> None:
     """Seeds, TF32 policy (off, as in the references) and determinism."""
     torch.manual_seed(step_seed(cfg.seed, dist.get_rank(), 0))
@@ -200,12 +177,13 @@ def _write_json(path: str, data) -> None:
 def setup(cfg: TrainConfig, run_dir: str, device: torch.device) -> dnnlib.EasyDict:
     """Everything the loop needs, in an EasyDict: data, networks, optimizer, EMA, restored state."""
     ctx = dnnlib.EasyDict(cfg=cfg, run_dir=run_dir, device=device, rank=dist.get_rank(), world=dist.get_world_size())
+    ctx.recipe = make_recipe(cfg)
     ctx.batch_gpu, ctx.rounds = check_batch(cfg, ctx.world)
     if cfg.stf and cfg.rbatch // ctx.world < cfg.batch_size // ctx.world:
         raise ValueError(f'--rbatch={cfg.rbatch} must be at least --batch={cfg.batch_size}')
     _init_runtime(cfg, device)
     ctx.dataset, ctx.dataset_kwargs = open_dataset(cfg)
-    ctx.encoder, ctx.encoder_kwargs = make_encoder(cfg, ctx.dataset)
+    ctx.encoder, ctx.encoder_kwargs = ctx.recipe.make_encoder(ctx.dataset)
     if ctx.rank == 0:
         os.makedirs(run_dir, exist_ok=True)
     dist.barrier()
@@ -255,13 +233,7 @@ def _build_modules(ctx) -> None:
     else:
         opt_kwargs.foreach = True  # one multi-tensor update instead of a Python loop per parameter
     ctx.optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **opt_kwargs)
-    if cfg.recipe == 'edm2':
-        from training.phema import PowerFunctionEMA
-        ctx.ema = PowerFunctionEMA(net=net, stds=list(cfg.ema_stds))
-    else:
-        from training.phema import TraditionalEMA
-        rampup = None if (cfg.transfer and not cfg.resume) else cfg.ema_rampup_ratio
-        ctx.ema = TraditionalEMA(net=net, halflife_Mimg=cfg.ema_halflife_Mimg, rampup_ratio=rampup)
+    ctx.ema = ctx.recipe.make_ema(net)
 
 
 def find_latest_state(run_dir: str) -> str | None:
@@ -367,23 +339,15 @@ def _stf_references(ctx, batches) -> list[dict]:
 
 
 def _apply_update(ctx) -> None:
-    """Learning-rate schedule, non-finite gradients zeroed, Adam step, EMA update."""
-    cfg = ctx.cfg
-    lr = learning_rate_schedule(ctx.cur_nimg, cfg.batch_size, ref_lr=cfg.lr, ref_batches=cfg.lr_decay_batches,
-                                rampup_Mimg=cfg.lr_rampup_Mimg)
-    if cfg.recipe == 'edm2':
-        training_stats.report('Loss/learning_rate', lr)
+    """The recipe's learning rate and gradient cleaning, the optimizer step, the recipe's EMA update."""
+    lr = ctx.recipe.learning_rate(ctx.cur_nimg)
     for group in ctx.optimizer.param_groups:
         group['lr'] = lr
-    grads = [p.grad for p in ctx.net.parameters() if p.grad is not None]
-    bound = 0 if cfg.recipe == 'edm2' else 1e5  # EDM clamps Inf to +-1e5, EDM2 zeroes it
-    for grad in grads:
-        torch.nan_to_num(grad, nan=0, posinf=bound, neginf=-bound, out=grad)
+    ctx.recipe.clean_gradients(ctx.net.parameters())
     ctx.optimizer.step()
     prev_nimg = ctx.cur_nimg
-    ctx.cur_nimg += cfg.batch_size
-    # EDM updates its EMA with the image count before the step, EDM2 after it.
-    ctx.ema.update(cur_nimg=(ctx.cur_nimg if cfg.recipe == 'edm2' else prev_nimg), batch_size=cfg.batch_size)
+    ctx.cur_nimg += ctx.cfg.batch_size
+    ctx.recipe.update_ema(ctx.ema, prev_nimg, ctx.cur_nimg)
 
 #----------------------------------------------------------------------------
 # Maintenance: status, snapshots, checkpoints, stopping.
@@ -392,11 +356,6 @@ def _apply_update(ctx) -> None:
 def _crossed(prev_nimg: int, cur_nimg: int, interval: int | None) -> bool:
     """True when [prev_nimg, cur_nimg) steps over a multiple of interval."""
     return interval is not None and interval > 0 and cur_nimg // interval > prev_nimg // interval
-
-
-def _kimg_name(ctx) -> str:
-    """Kimg field of output names: 6 digits (EDM) or 7 digits (EDM2), as in the references."""
-    return f'{ctx.cur_nimg // 1000:06d}' if ctx.cfg.recipe == 'edm' else f'{ctx.cur_nimg // 1000:07d}'
 
 
 def _check_finite(ctx) -> None:
@@ -448,36 +407,18 @@ def _status(ctx) -> None:
 
 
 def _append_stats(ctx, collector) -> None:
-    """stats.jsonl: EDM writes {name: {num, mean, std}}, EDM2 flat means, plus a timestamp."""
-    stats = collector.as_dict()
-    if ctx.cfg.recipe == 'edm':
-        line = json.dumps(dict(stats, timestamp=time.time()))
-    else:
-        items = {name: (value.mean if np.isfinite(value.mean) else 'NaN') for name, value in stats.items()}
-        line = json.dumps(dict(items, timestamp=round(time.time(), 3)))
+    """One stats.jsonl line in the recipe's format, flushed."""
+    line = ctx.recipe.stats_line(collector.as_dict())
     with open(os.path.join(ctx.run_dir, 'stats.jsonl'), 'at') as f:
         f.write(line + '\n')
         f.flush()
 
 
 def save_snapshot(ctx) -> list[str]:
-    """network-snapshot pickle(s) in the reference format (EDM: one; EDM2: one per EMA std, float16)."""
+    """network-snapshot pickle(s) in the reference format of the recipe (rank 0)."""
     if ctx.rank != 0:
         return []
-    paths = []
-    if ctx.cfg.recipe == 'edm':
-        ema = copy.deepcopy(ctx.ema.get()).eval().requires_grad_(False).cpu()
-        data = dict(ema=ema, loss_fn=ctx.loss_fn, augment_pipe=ctx.augment_pipe, dataset_kwargs=dict(ctx.dataset_kwargs))
-        paths.append(os.path.join(ctx.run_dir, f'network-snapshot-{_kimg_name(ctx)}.pkl'))
-        persistence.save_pickle(data, paths[-1])
-    else:
-        for ema_net, suffix in ctx.ema.get():
-            data = dnnlib.EasyDict(encoder=ctx.encoder, dataset_kwargs=ctx.dataset_kwargs, loss_fn=ctx.loss_fn)
-            data.ema = copy.deepcopy(ema_net).cpu().eval().requires_grad_(False).to(torch.float16)
-            paths.append(os.path.join(ctx.run_dir, f'network-snapshot-{_kimg_name(ctx)}{suffix}.pkl'))
-            persistence.save_pickle(data, paths[-1])
-        from training import phema
-        phema.record_snapshots(ctx.run_dir, [os.path.basename(p) for p in paths], ctx.cur_nimg)
+    paths = ctx.recipe.save_snapshot(ctx)
     logger.info(f'Saved {", ".join(os.path.basename(p) for p in paths)}')
     return paths
 
@@ -491,7 +432,7 @@ def save_checkpoint(ctx) -> str | None:
     state = dict(format_version=STATE_FORMAT_VERSION, cur_nimg=ctx.cur_nimg, total_elapsed_time=ctx.total_elapsed_time,
                  net=ctx.net.state_dict(), ema=ctx.ema.state_dict(), optimizer=ctx.optimizer.state_dict(),
                  config=to_json(ctx.cfg))
-    path = os.path.join(ctx.run_dir, f'training-state-{_kimg_name(ctx)}.pt')
+    path = os.path.join(ctx.run_dir, f'training-state-{ctx.recipe.kimg_name(ctx.cur_nimg)}.pt')
     with dnnlib.util.atomic_write(path, 'wb') as f:
         torch.save(state, f)
     logger.info(f'Saved {os.path.basename(path)}')
