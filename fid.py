@@ -82,6 +82,29 @@ def repeat_options(fn):
         fn = option(fn)
     return fn
 
+def pr_options(fn):
+    """Precision/recall settings of calc and gen, named as in tqch/ddpm-torch eval.py."""
+    defaults = metrics_lib.PRConfig()
+    options = [
+        click.option('--nhood-size', help=f'k of the k-NN balls of precision/recall  [default: {defaults.nhood_size}]', metavar='INT', type=click.IntRange(min=1), default=None),
+        click.option('--pr-dtype', help=f'P/R distance arithmetic: float32 (torch-fidelity) or float16 (ddpm-torch eval.py)  [default: {defaults.dtype}]', type=click.Choice(metrics_lib.PR_DTYPES), default=None),
+        click.option('--row-batch-size', help=f'Rows per block of P/R distances (memory only)  [default: {defaults.row_batch_size}]', metavar='INT', type=click.IntRange(min=1), default=None),
+        click.option('--col-batch-size', help=f'Columns per block of P/R distances (memory only)  [default: {defaults.col_batch_size}]', metavar='INT', type=click.IntRange(min=1), default=None),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+def build_pr_config(nhood_size, pr_dtype, row_batch_size, col_batch_size) -> metrics_lib.PRConfig | None:
+    """PRConfig from the options given; None when none was (then P/R, if computed, uses the defaults)."""
+    opts = dict(nhood_size=nhood_size, dtype=pr_dtype, row_batch_size=row_batch_size, col_batch_size=col_batch_size)
+    given = {k: v for k, v in opts.items() if v is not None}
+    return metrics_lib.PRConfig(**given) if given else None
+
+def pr_context(pr: metrics_lib.PRConfig | None) -> dict:
+    """What --metrics-file records about the P/R settings."""
+    return {} if pr is None else dict(nhood_size=pr.nhood_size, pr_dtype=pr.dtype)
+
 #----------------------------------------------------------------------------
 
 @click.group()
@@ -115,14 +138,16 @@ def main():
 @click.option('--batch', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--workers', help='Subprocesses for data loading', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
 @common_options('those in --ref')
+@pr_options
 @repeat_options
 @dnnlib.util.cli_errors
-def calc(images, ref_path, num, seed, batch, workers, metrics, detector, dinov2, device, repeats, metrics_file):
+def calc(images, ref_path, num, seed, batch, workers, metrics, detector, dinov2, device, repeats, metrics_file, **pr_opts):
     """Calculate metrics for a folder or zip of images."""
+    pr = build_pr_config(**pr_opts)
     device = setup_device(device)
     results = metrics_lib.calc(images, ref_path, metrics=metrics, num=num, seed=seed, repeats=repeats, batch_size=batch,
-                               num_workers=workers, device=device, detector=detector, dinov2=dinov2)
-    report(results, dict(command='calc', images=images, ref=ref_path, seed=seed), metrics_file)
+                               num_workers=workers, device=device, detector=detector, dinov2=dinov2, pr=pr)
+    report(results, dict(command='calc', images=images, ref=ref_path, seed=seed, **pr_context(pr)), metrics_file)
     dist.barrier()
 
 #----------------------------------------------------------------------------
@@ -138,15 +163,17 @@ def calc(images, ref_path, num, seed, batch, workers, metrics, detector, dinov2,
 @click.option('--seed', help='Random seed of the first image', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--batch', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
 @common_options('those in --ref')
+@pr_options
 @repeat_options
 @dnnlib.util.cli_errors
-def gen(net, gnet, guidance, num_steps, trust, ref_path, num, seed, batch, metrics, detector, dinov2, device, repeats, metrics_file):
+def gen(net, gnet, guidance, num_steps, trust, ref_path, num, seed, batch, metrics, detector, dinov2, device, repeats, metrics_file, **pr_opts):
     """Calculate metrics for a network with default sampler settings, generating images on the fly."""
+    pr = build_pr_config(**pr_opts)
     device = setup_device(device)
     sampler_kwargs = {k: v for k, v in dict(guidance=guidance, num_steps=num_steps).items() if v is not None}
     results = metrics_lib.gen(net, ref_path, metrics=metrics, num=num, seed=seed, repeats=repeats, batch_size=batch,
-                              device=device, gnet=gnet, trust=trust, detector=detector, dinov2=dinov2, **sampler_kwargs)
-    report(results, dict(command='gen', net=net, gnet=gnet, ref=ref_path, **sampler_kwargs), metrics_file)
+                              device=device, gnet=gnet, trust=trust, detector=detector, dinov2=dinov2, pr=pr, **sampler_kwargs)
+    report(results, dict(command='gen', net=net, gnet=gnet, ref=ref_path, **sampler_kwargs, **pr_context(pr)), metrics_file)
     dist.barrier()
 
 #----------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_knn_radii_are_kth_neighbour_distances_across_batches():
     feats = torch.tensor([[0.0], [1.0], [3.0], [7.0], [15.0]])
     # Sorted distances from 0: 0, 1, 3, 7, 15 -> the 2nd neighbour (k=2) is at 3.
     expected = torch.tensor([3.0, 2.0, 3.0, 6.0, 12.0])
-    torch.testing.assert_close(metrics.knn_radii(feats, k=2, batch_size=2), expected)
+    torch.testing.assert_close(metrics.knn_radii(feats, k=2, row_batch_size=2, col_batch_size=2), expected)
 
 #----------------------------------------------------------------------------
 # Statistics files.

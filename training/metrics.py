@@ -8,6 +8,7 @@ the features themselves. See docs/metrics.md.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -74,35 +75,67 @@ def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     eig = np.linalg.eigvalsh((inner + inner.T) / 2)
     return float(np.sqrt(np.clip(eig, 0, None)).sum())
 
-def knn_radii(features: torch.Tensor, k: int = 3, batch_size: int = 10000) -> torch.Tensor:
+@dataclasses.dataclass(frozen=True)
+class PRConfig:
+    """Settings of improved precision/recall; names as in tqch/ddpm-torch eval.py."""
+    nhood_size:     int = 3         # k: a feature's ball reaches its k-th nearest other feature (Kynkaanniemi Eq. 1).
+    dtype:          str = 'float32' # Distance arithmetic: 'float32' (torch-fidelity's) or 'float16' (ddpm-torch's).
+    row_batch_size: int = 10000     # Rows of one block of pairwise distances; memory only, not the result.
+    col_batch_size: int = 10000     # Columns of one block of pairwise distances; memory only, not the result.
+
+    def __post_init__(self):
+        if self.dtype not in PR_DTYPES:
+            raise ValueError(f'--pr-dtype={self.dtype} is not one of {", ".join(PR_DTYPES)}')
+        for name in ('nhood_size', 'row_batch_size', 'col_batch_size'):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f'--{name.replace("_", "-")}={getattr(self, name)} must be a positive integer')
+
+PR_DTYPES = ('float32', 'float16')
+
+def pairwise_distances(rows: torch.Tensor, cols: torch.Tensor, col_batch_size: int = 10000) -> torch.Tensor:
+    """Euclidean distances [len(rows), len(cols)] in the features' dtype, one column block at a time.
+    float16 goes through the matmul form |x|^2 - 2 x.y + |y|^2, as torch.cdist does for the 10000-row
+    blocks of ddpm-torch (its direct form has no float16 kernel on CPU)."""
+    mode = 'use_mm_for_euclid_dist' if rows.dtype == torch.float16 else 'use_mm_for_euclid_dist_if_necessary'
+    return torch.cat([torch.cdist(rows, block, compute_mode=mode) for block in cols.split(col_batch_size)], dim=1)
+
+def knn_radii(features: torch.Tensor, k: int = 3, row_batch_size: int = 10000, col_batch_size: int = 10000) -> torch.Tensor:
     """Distance of every feature to its k-th nearest other feature: the radius of its hypersphere in
-    the estimated manifold (Kynkaanniemi et al. 2019, Eq. 1)."""
+    the estimated manifold (Kynkaanniemi et al. 2019, Eq. 1). float16 features give float16 radii,
+    selected among the float16 distances widened to float32 (ddpm-torch ManifoldBuilder.compute_kth)."""
     radii = []
-    for rows in features.split(batch_size):
-        dists = torch.cat([torch.cdist(rows, cols) for cols in features.split(batch_size)], dim=1)
-        radii.append(dists.kthvalue(k + 1, dim=1).values) # +1: the point itself is at distance 0
+    for rows in features.split(row_batch_size):
+        dists = pairwise_distances(rows, features, col_batch_size)
+        radii.append(dists.float().kthvalue(k + 1, dim=1).values.to(features.dtype)) # +1: the point itself is at distance 0
     return torch.cat(radii)
 
-def fraction_in_manifold(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, batch_size: int = 10000) -> float:
-    """Fraction of `queries` inside at least one hypersphere (support_i, radii_i) (Kynkaanniemi Eq. 2)."""
+def fraction_in_manifold(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor,
+                         row_batch_size: int = 10000, col_batch_size: int = 10000) -> float:
+    """Fraction of `queries` inside at least one hypersphere (support_i, radii_i) (Kynkaanniemi Eq. 2);
+    distances and radii are compared in the features' dtype."""
     inside = 0
-    for rows in queries.split(batch_size):
+    for rows in queries.split(row_batch_size):
         hit = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
-        for cols, col_radii in zip(support.split(batch_size), radii.split(batch_size)):
-            hit |= (torch.cdist(rows, cols) <= col_radii.unsqueeze(0)).any(dim=1)
+        for cols, col_radii in zip(support.split(col_batch_size), radii.split(col_batch_size)):
+            hit |= (pairwise_distances(rows, cols, col_batch_size) <= col_radii.unsqueeze(0)).any(dim=1)
         inside += int(hit.sum())
     return inside / max(queries.shape[0], 1)
 
-def precision_recall(real: torch.Tensor, gen: torch.Tensor, k: int = 3, batch_size: int = 10000) -> tuple[float, float]:
+def precision_recall(real: torch.Tensor, gen: torch.Tensor, k: int = 3, dtype: str = 'float32',
+                     row_batch_size: int = 10000, col_batch_size: int = 10000) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019, Eqs. 3-4): precision = share of generated
-    features inside the real manifold, recall = share of real features inside the generated manifold."""
+    features inside the real manifold, recall = share of real features inside the generated manifold.
+    dtype='float32' equals torch-fidelity; 'float16' reproduces tqch/ddpm-torch (calc_pr) exactly."""
+    cfg = PRConfig(nhood_size=k, dtype=dtype, row_batch_size=row_batch_size, col_batch_size=col_batch_size)
     if real.shape[1] != gen.shape[1]:
         raise ValueError(f'precision/recall features differ in width: {real.shape[1]} vs {gen.shape[1]}')
     if min(real.shape[0], gen.shape[0]) <= k:
-        raise ValueError(f'precision/recall with k={k} needs more than {k} features per set, got {real.shape[0]} and {gen.shape[0]}')
-    real, gen = real.to(torch.float32), gen.to(torch.float32)
-    precision = fraction_in_manifold(gen, real, knn_radii(real, k, batch_size), batch_size)
-    recall = fraction_in_manifold(real, gen, knn_radii(gen, k, batch_size), batch_size)
+        raise ValueError(f'precision/recall with --nhood-size={k} needs more than {k} features per set, '
+                         f'got {real.shape[0]} and {gen.shape[0]}; use more images or a smaller --nhood-size')
+    real, gen = real.to(getattr(torch, cfg.dtype)), gen.to(getattr(torch, cfg.dtype))
+    blocks = dict(row_batch_size=row_batch_size, col_batch_size=col_batch_size)
+    precision = fraction_in_manifold(gen, real, knn_radii(real, k, **blocks), **blocks)
+    recall = fraction_in_manifold(real, gen, knn_radii(gen, k, **blocks), **blocks)
     return precision, recall
 
 #----------------------------------------------------------------------------
@@ -380,20 +413,39 @@ def generated_batches(net: Any, seeds: list[int], batch_size: int, device: torch
         if batch.images is not None:
             yield batch.images
 
-def metrics_from_stats(stats: dict, ref: dict, metrics: list[str], k: int = 3, device: torch.device | None = None) -> dict:
+def metrics_from_stats(stats: dict, ref: dict, metrics: list[str], device: torch.device | None = None,
+                       pr: PRConfig | None = None) -> dict:
     """{'fid': .., 'fd_dinov2': .., 'precision': .., 'recall': ..} for the requested metrics."""
     results = {}
+    pr = pr if pr is not None else PRConfig()
     for metric in metrics:
         if metric == 'pr':
             real = torch.as_tensor(ref['pr']['features'], device=device).float()
             gen = torch.as_tensor(stats['pr']['features'], device=device).float()
-            results['precision'], results['recall'] = precision_recall(real, gen, k=k)
+            results['precision'], results['recall'] = precision_recall(real, gen, k=pr.nhood_size, dtype=pr.dtype,
+                row_batch_size=pr.row_batch_size, col_batch_size=pr.col_batch_size)
         else:
             results[metric] = frechet_distance(stats[metric]['mu'], stats[metric]['sigma'], ref[metric]['mu'], ref[metric]['sigma'])
     return results
 
+def check_pr_config(pr: PRConfig | None, metrics: list[str], ref: dict | None, num: int | None) -> None:
+    """Refuse P/R settings that cannot apply: no 'pr' among the metrics, or too few features for k."""
+    if pr is None:
+        return
+    if 'pr' not in metrics:
+        raise ValueError(f'precision/recall options (--nhood-size, --pr-dtype, --row/col-batch-size) were given, but the '
+                         f'metrics are {",".join(metrics)}; add pr to --metrics (the --ref statistics must hold P/R features)')
+    counts = {'--num': num}
+    if ref is not None and isinstance(ref.get('pr'), dict) and 'features' in ref['pr']:
+        counts['--ref'] = len(ref['pr']['features'])
+    for what, count in counts.items():
+        if count is not None and count <= pr.nhood_size:
+            raise ValueError(f'--nhood-size={pr.nhood_size} needs more than {pr.nhood_size} features per set, but {what} '
+                             f'gives {count}; use a smaller --nhood-size or more images')
+
 def _setup(metrics: list[str] | None, ref_path: str | None, detector: str | None, dinov2: str | None,
-           dinov2_model: torch.nn.Module | None) -> tuple[list[str], dict | None, dict]:
+           dinov2_model: torch.nn.Module | None, pr: PRConfig | None = None,
+           num: int | None = None) -> tuple[list[str], dict | None, dict]:
     """Load the reference first (it is cheap and often wrong), then the detectors, then check they agree."""
     if dist.get_rank() != 0:
         dist.barrier() # rank 0 downloads a --ref URL first; the others read the cache
@@ -404,6 +456,7 @@ def _setup(metrics: list[str] | None, ref_path: str | None, detector: str | None
             dist.barrier()
     if metrics is None:
         metrics = [m for m in METRICS if m in ref] if ref is not None else ['fid']
+    check_pr_config(pr, metrics, ref, num)
     detectors = build_detectors(metrics, inception=detector, dinov2=dinov2, dinov2_model=dinov2_model)
     if ref is not None:
         check_ref(ref, metrics, detectors, ref_path)
@@ -411,17 +464,18 @@ def _setup(metrics: list[str] | None, ref_path: str | None, detector: str | None
 
 def calc(images: str, ref_path: str, metrics: list[str] | None = None, num: int = 50000, seed: int = 0, repeats: int = 1,
          batch_size: int = 64, num_workers: int = 2, device: torch.device = torch.device('cpu'),
-         detector: str | None = None, dinov2: str | None = None, dinov2_model: torch.nn.Module | None = None) -> list[dict]:
+         detector: str | None = None, dinov2: str | None = None, dinov2_model: torch.nn.Module | None = None,
+         pr: PRConfig | None = None) -> list[dict]:
     """Metrics of `repeats` disjoint random subsets of `num` images in a folder/zip vs reference statistics
     (EDM fid.py calc, EDM2 calculate_metrics.py calc). Results on rank 0, [] elsewhere."""
     dataset = open_image_files(images) # fail on a bad --images before loading detectors
     select_subsets(len(dataset), num, repeats, seed)
-    metrics, ref, detectors = _setup(metrics, ref_path, detector, dinov2, dinov2_model)
+    metrics, ref, detectors = _setup(metrics, ref_path, detector, dinov2, dinov2_model, pr=pr, num=num)
     all_stats = stats_for_files(images, metrics, detectors, device, num=num, seed=seed, repeats=repeats,
                                 batch_size=batch_size, num_workers=num_workers)
     if dist.get_rank() != 0:
         return []
-    return [dict(metrics_from_stats(stats, ref, metrics, device=device), num_images=stats['num_images']) for stats in all_stats]
+    return [dict(metrics_from_stats(stats, ref, metrics, device=device, pr=pr), num_images=stats['num_images']) for stats in all_stats]
 
 def ref(data: str, dest: str, metrics: list[str] | None = None, seed: int = 0, batch_size: int = 64, num_workers: int = 2,
         device: torch.device = torch.device('cpu'), detector: str | None = None, dinov2: str | None = None,
@@ -444,10 +498,10 @@ def ref(data: str, dest: str, metrics: list[str] | None = None, seed: int = 0, b
 def gen(net: str | torch.nn.Module, ref_path: str, metrics: list[str] | None = None, num: int = 50000, seed: int = 0,
         repeats: int = 1, batch_size: int = 32, device: torch.device = torch.device('cpu'), gnet: str | torch.nn.Module | None = None,
         trust: bool = False, detector: str | None = None, dinov2: str | None = None,
-        dinov2_model: torch.nn.Module | None = None, **sampler_kwargs) -> list[dict]:
+        dinov2_model: torch.nn.Module | None = None, pr: PRConfig | None = None, **sampler_kwargs) -> list[dict]:
     """Metrics of images generated on the fly for seeds seed + r*num ... seed + (r+1)*num - 1 of each
     repeat r, with nothing written to disk (EDM2 calculate_metrics.py gen). Results on rank 0."""
-    metrics, ref, detectors = _setup(metrics, ref_path, detector, dinov2, dinov2_model)
+    metrics, ref, detectors = _setup(metrics, ref_path, detector, dinov2, dinov2_model, pr=pr, num=num)
     net, gnet, encoder = _load_generators(net, gnet, trust, device)
     results = []
     for r in range(repeats):
@@ -456,7 +510,7 @@ def gen(net: str | torch.nn.Module, ref_path: str, metrics: list[str] | None = N
         total = max((num - 1) // (batch_size * dist.get_world_size()) + 1, 1)
         stats = compute_stats(batches, metrics, detectors, device, total=total)
         if dist.get_rank() == 0:
-            results.append(dict(metrics_from_stats(stats, ref, metrics, device=device), num_images=stats['num_images'],
+            results.append(dict(metrics_from_stats(stats, ref, metrics, device=device, pr=pr), num_images=stats['num_images'],
                                 seeds=f'{seeds[0]}-{seeds[-1]}'))
     return results
 
