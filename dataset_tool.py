@@ -6,6 +6,7 @@
         --resolution=512x512 --transform=center-crop-dhariwal
     python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip
     python dataset_tool.py decode --source=datasets/img512-sd.zip --dest=out/img512-decoded.zip
+    python dataset_tool.py convert --source=downloads/celeba --dest=datasets/celeba-64x64.zip --ddpm-dataset=celeba
 """
 
 import os
@@ -15,6 +16,7 @@ import click
 
 import dnnlib
 from training import dataset_convert
+from training.dataset_ddpm import DDPM_DATASETS
 
 #----------------------------------------------------------------------------
 
@@ -36,6 +38,8 @@ def _convert_options(fn):
                      type=click.Choice(dataset_convert.TRANSFORMS)),
         click.option('--resolution', help='Output resolution, e.g. 64x64', metavar='WxH', type=str, callback=_parse_resolution),
         click.option('--workers',    help='Processes for decoding/encoding  [default: one per core]', metavar='INT', type=click.IntRange(min=1)),
+        click.option('--ddpm-dataset', help='Prepare as tqch/ddpm-torch does: ' + ', '.join(DDPM_DATASETS), metavar='NAME',
+                     type=click.Choice(DDPM_DATASETS)),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -69,6 +73,8 @@ def cmdline():
     Output (--dest): a folder or an uncompressed .zip with 00000/img00000000.png ... and
     dataset.json = {"labels": [["00000/img00000000.png", 6], ...]} or {"labels": null}.
     Output images must be square with a power-of-two side; use --resolution and --transform.
+    --ddpm-dataset=mnist|cifar10|celeba|celebahq prepares MNIST (bilinear to 32x32), CIFAR-10,
+    CelebA (148x148 crop, bilinear to 64x64) and CelebA-HQ (ProGAN order) as tqch/ddpm-torch does.
     """
 
 @cmdline.command()

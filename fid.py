@@ -87,7 +87,7 @@ def pr_options(fn):
     defaults = metrics_lib.PRConfig()
     options = [
         click.option('--nhood-size', help=f'k of the k-NN balls of precision/recall  [default: {defaults.nhood_size}]', metavar='INT', type=click.IntRange(min=1), default=None),
-        click.option('--pr-dtype', help=f'P/R distance arithmetic: float32 (torch-fidelity) or float16 (ddpm-torch eval.py)  [default: {defaults.dtype}]', type=click.Choice(metrics_lib.PR_DTYPES), default=None),
+        click.option('--pr-dtype', help=f'P/R distance arithmetic: float32 (torch-fidelity) or float16 (ddpm-torch eval.py)  [default: {defaults.dtype}]', metavar='float32|float16', type=click.Choice(metrics_lib.PR_DTYPES), default=None),
         click.option('--row-batch-size', help=f'Rows per block of P/R distances (memory only)  [default: {defaults.row_batch_size}]', metavar='INT', type=click.IntRange(min=1), default=None),
         click.option('--col-batch-size', help=f'Columns per block of P/R distances (memory only)  [default: {defaults.col_batch_size}]', metavar='INT', type=click.IntRange(min=1), default=None),
     ]

@@ -215,7 +215,7 @@ def open_cifar(tarball: str, max_images: Optional[int], kind: str) -> Source:
 def _read_idx(path: str, magic: int, what: str) -> np.ndarray:
     """Array stored in an MNIST idx file (big-endian header: magic, then one int32 per dimension)."""
     try:
-        with gzip.open(path, 'rb') as f:
+        with (gzip.open(path, 'rb') if path.endswith('.gz') else open(path, 'rb')) as f:
             data = f.read()
     except (OSError, EOFError) as err:
         raise ValueError(f'cannot read MNIST {what} file {path}: {err}') from None
@@ -225,14 +225,15 @@ def _read_idx(path: str, magic: int, what: str) -> np.ndarray:
         raise ValueError(f'MNIST {what} file {path} is truncated or not in idx format')
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(header[1:].astype(np.int64))
 
-def open_mnist(images_gz: str, max_images: Optional[int]) -> Source:
-    """MNIST-format images (zero-padded from 28x28 to 32x32, as the reference) and their labels."""
-    labels_gz = re.sub(r'-images-idx3-ubyte\.gz$', '-labels-idx1-ubyte.gz', images_gz)
+def open_mnist(images_gz: str, max_images: Optional[int], pad: bool = True) -> Source:
+    """MNIST-format images (zero-padded from 28x28 to 32x32 unless pad=False, as the reference) and their labels."""
+    labels_gz = re.sub(r'-images-idx3-ubyte(\.gz)?$', r'-labels-idx1-ubyte\1', images_gz)
     if not os.path.isfile(labels_gz):
         raise FileNotFoundError(f'MNIST labels {labels_gz} not found next to {images_gz}')
     images = _read_idx(images_gz, 0x803, 'images')
     labels = _read_idx(labels_gz, 0x801, 'labels')
-    images = np.pad(images, [(0, 0), (2, 2), (2, 2)], mode='constant', constant_values=0)
+    if pad:
+        images = np.pad(images, [(0, 0), (2, 2), (2, 2)], mode='constant', constant_values=0)
     return _array_source(f'MNIST file {images_gz}', images, labels, max_images)
 
 #----------------------------------------------------------------------------
@@ -549,12 +550,18 @@ def convert_dataset(
     rgb:            bool = True,                    # True = always RGB (EDM2 convert); False = keep grayscale (EDM).
     workers:        Optional[int] = None,           # Processes that decode and encode. None = one per core.
     progress:       bool = True,                    # Show a tqdm progress bar?
+    ddpm_dataset:   Optional[str] = None,           # Prepare as tqch/ddpm-torch (training/dataset_ddpm.py). None = no.
 ) -> int:
     """Convert a dataset to PNGs + dataset.json (reference dataset_tool); returns the number written."""
     from tqdm import tqdm
-    transform_fn = make_transform(transform, resolution)
-    writer = DatasetWriter(dest)
-    src = open_source(source, max_images, edm_order=not rgb)
+    if ddpm_dataset is not None:
+        from training import dataset_ddpm
+        src, transform_fn, rgb = dataset_ddpm.prepare(ddpm_dataset, source, max_images, transform, resolution)
+        writer = DatasetWriter(dest)
+    else:
+        transform_fn = make_transform(transform, resolution)
+        writer = DatasetWriter(dest)
+        src = open_source(source, max_images, edm_order=not rgb)
     fn = functools.partial(_process_item, transform=transform_fn, rgb=rgb)
     labels, first = [], None
     with contextlib.ExitStack() as stack:
