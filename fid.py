@@ -67,6 +67,8 @@ def _add_common_options(fn, metrics_default: str):
         click.option('--detector', help=f'Inception-v3 detector file (.pkl or TorchScript) [default: ${detectors_lib.INCEPTION_ENV}, caches]', metavar='PATH|URL', type=str, default=None),
         click.option('--dinov2', help=f'DINOv2 ViT-L/14 weights (.pth) [default: ${detectors_lib.DINOV2_ENV}, torch hub cache]', metavar='PATH|URL', type=str, default=None),
         click.option('--device', help='Compute device', metavar='auto|cuda|cpu|mps', type=str, default='auto', show_default=True),
+        click.option('--pr-detector', help='Features of precision/recall: inception, or vgg16 (StyleGAN2-ADA, ddpm-torch)', metavar='NAME', type=click.Choice(metrics_lib.PR_DETECTORS), default='inception', show_default=True),
+        click.option('--vgg16', help=f'NVIDIA vgg16.pt for --pr-detector=vgg16 [default: ${detectors_lib.VGG16_ENV}, torch hub dir, caches]', metavar='PATH|URL', type=str, default=None),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -101,9 +103,10 @@ def build_pr_config(nhood_size, pr_dtype, row_batch_size, col_batch_size) -> met
     given = {k: v for k, v in opts.items() if v is not None}
     return metrics_lib.PRConfig(**given) if given else None
 
-def pr_context(pr: metrics_lib.PRConfig | None) -> dict:
-    """What --metrics-file records about the P/R settings."""
-    return {} if pr is None else dict(nhood_size=pr.nhood_size, pr_dtype=pr.dtype)
+def pr_context(pr: metrics_lib.PRConfig | None, pr_detector: str) -> dict:
+    """What --metrics-file records about the P/R settings that were given."""
+    context = {} if pr is None else dict(nhood_size=pr.nhood_size, pr_dtype=pr.dtype)
+    return context if pr_detector == 'inception' else dict(context, pr_detector=pr_detector)
 
 #----------------------------------------------------------------------------
 
@@ -141,13 +144,14 @@ def main():
 @pr_options
 @repeat_options
 @dnnlib.util.cli_errors
-def calc(images, ref_path, num, seed, batch, workers, metrics, detector, dinov2, device, repeats, metrics_file, **pr_opts):
+def calc(images, ref_path, num, seed, batch, workers, metrics, detector, dinov2, device, pr_detector, vgg16, repeats, metrics_file, **pr_opts):
     """Calculate metrics for a folder or zip of images."""
     pr = build_pr_config(**pr_opts)
     device = setup_device(device)
     results = metrics_lib.calc(images, ref_path, metrics=metrics, num=num, seed=seed, repeats=repeats, batch_size=batch,
-                               num_workers=workers, device=device, detector=detector, dinov2=dinov2, pr=pr)
-    report(results, dict(command='calc', images=images, ref=ref_path, seed=seed, **pr_context(pr)), metrics_file)
+                               num_workers=workers, device=device, detector=detector, dinov2=dinov2, pr=pr,
+                               pr_detector=pr_detector, vgg16=vgg16)
+    report(results, dict(command='calc', images=images, ref=ref_path, seed=seed, **pr_context(pr, pr_detector)), metrics_file)
     dist.barrier()
 
 #----------------------------------------------------------------------------
@@ -166,14 +170,16 @@ def calc(images, ref_path, num, seed, batch, workers, metrics, detector, dinov2,
 @pr_options
 @repeat_options
 @dnnlib.util.cli_errors
-def gen(net, gnet, guidance, num_steps, trust, ref_path, num, seed, batch, metrics, detector, dinov2, device, repeats, metrics_file, **pr_opts):
+def gen(net, gnet, guidance, num_steps, trust, ref_path, num, seed, batch, metrics, detector, dinov2, device, pr_detector, vgg16,
+        repeats, metrics_file, **pr_opts):
     """Calculate metrics for a network with default sampler settings, generating images on the fly."""
     pr = build_pr_config(**pr_opts)
     device = setup_device(device)
     sampler_kwargs = {k: v for k, v in dict(guidance=guidance, num_steps=num_steps).items() if v is not None}
     results = metrics_lib.gen(net, ref_path, metrics=metrics, num=num, seed=seed, repeats=repeats, batch_size=batch,
-                              device=device, gnet=gnet, trust=trust, detector=detector, dinov2=dinov2, pr=pr, **sampler_kwargs)
-    report(results, dict(command='gen', net=net, gnet=gnet, ref=ref_path, **sampler_kwargs, **pr_context(pr)), metrics_file)
+                              device=device, gnet=gnet, trust=trust, detector=detector, dinov2=dinov2, pr=pr,
+                              pr_detector=pr_detector, vgg16=vgg16, **sampler_kwargs)
+    report(results, dict(command='gen', net=net, gnet=gnet, ref=ref_path, **sampler_kwargs, **pr_context(pr, pr_detector)), metrics_file)
     dist.barrier()
 
 #----------------------------------------------------------------------------
@@ -186,11 +192,11 @@ def gen(net, gnet, guidance, num_steps, trust, ref_path, num, seed, batch, metri
 @click.option('--workers', help='Subprocesses for data loading', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
 @common_options('fid for .npz, fid,fd_dinov2 for .pkl')
 @dnnlib.util.cli_errors
-def ref(data, dest, seed, batch, workers, metrics, detector, dinov2, device):
+def ref(data, dest, seed, batch, workers, metrics, detector, dinov2, device, pr_detector, vgg16):
     """Calculate dataset reference statistics for 'calc' and 'gen'."""
     device = setup_device(device)
     stats = metrics_lib.ref(data, dest, metrics=metrics, seed=seed, batch_size=batch, num_workers=workers,
-                            device=device, detector=detector, dinov2=dinov2)
+                            device=device, detector=detector, dinov2=dinov2, pr_detector=pr_detector, vgg16=vgg16)
     dist.print0(f'Saved statistics of {stats["num_images"]} images to {dest}')
 
 #----------------------------------------------------------------------------

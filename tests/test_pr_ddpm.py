@@ -2,6 +2,7 @@
 distances that reproduce its numbers exactly, and the row/column blocks of its distance matrices."""
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +138,67 @@ def test_cli_pr_options_without_pr_are_one_line_errors(tmp_path, pixel_detector)
         errors = [line for line in result.output.splitlines() if 'Error' in line]
         assert result.exit_code != 0 and len(errors) == 1 and match in errors[0], result.output
         assert 'Traceback' not in result.output
+
+#----------------------------------------------------------------------------
+# --pr-detector=vgg16 with a TorchScript stand-in for NVIDIA's vgg16.pt (same call signature).
+
+class TinyVGG(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(48, 4096)
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        if img.dtype != torch.uint8 or not return_features:
+            raise RuntimeError('expects uint8 images and return_features=True')
+        return self.proj(img.to(torch.float32).flatten(1) / 255)
+
+@pytest.fixture
+def tiny_vgg(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / 'vgg16.pt'
+    with warnings.catch_warnings(): # torch.jit.script is deprecated; NVIDIA's vgg16.pt is TorchScript all the same
+        warnings.simplefilter('ignore', DeprecationWarning)
+        torch.jit.script(TinyVGG()).save(str(path))
+    return path
+
+def test_cli_vgg16_pr_detector(tmp_path, tiny_vgg):
+    real = write_images(tmp_path / 'real', 24, seed=2, scale=40)
+    fake = write_images(tmp_path / 'fake', 24, seed=3, scale=60)
+    ref = tmp_path / 'ref.pkl'
+    result = run_fid('ref', '--data', real, '--dest', ref, '--metrics', 'pr', '--pr-detector', 'vgg16', '--vgg16', tiny_vgg, '--workers', 0)
+    assert result.exit_code == 0, result.output
+    real_feats = torch.from_numpy(metrics.load_stats(str(ref))['pr']['features']).float()
+    assert real_feats.shape == (24, 4096)
+    log = tmp_path / 'm.jsonl'
+    result = run_fid('calc', '--images', fake, '--ref', ref, '--num', 24, '--workers', 0, '--pr-detector', 'vgg16',
+                     '--vgg16', tiny_vgg, '--pr-dtype', 'float16', '--metrics-file', log)
+    assert result.exit_code == 0, result.output
+    records = {r['metric']: r for r in map(json.loads, log.read_text().splitlines())}
+    assert records['precision']['pr_detector'] == 'vgg16'
+    detector = detectors.VGG16Detector(path=str(tiny_vgg))
+    images = torch.stack([torch.from_numpy(np.array(PIL.Image.open(p)).transpose(2, 0, 1).copy()) for p in sorted(fake.iterdir())])
+    fake_feats = detector(images).half().float()
+    expected = metrics.precision_recall(real_feats, fake_feats, k=3, dtype='float16')
+    assert (records['precision']['value'], records['recall']['value']) == expected
+
+def test_vgg16_lookup_and_errors(tmp_path, tiny_vgg, monkeypatch):
+    monkeypatch.setenv(detectors.VGG16_ENV, str(tiny_vgg))
+    assert detectors.find_vgg16() == str(tiny_vgg)
+    monkeypatch.delenv(detectors.VGG16_ENV)
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'dnnlib'))
+    with pytest.raises(Exception, match='no VGG-16 detector available'):
+        detectors.find_vgg16(allow_download=False)
+    hub = tmp_path / 'torch_home' / 'hub'
+    hub.mkdir(parents=True)
+    (hub / 'vgg16.pt').write_bytes(tiny_vgg.read_bytes()) # where ddpm-torch keeps it
+    assert detectors.find_vgg16(allow_download=False) == str(hub / 'vgg16.pt')
+    with pytest.raises(FileNotFoundError, match='--vgg16=.*no such file'):
+        detectors.find_vgg16(str(tmp_path / 'missing.pt'))
+
+def test_cli_vgg16_without_pr_is_one_line_error(tmp_path, tiny_vgg):
+    images = write_images(tmp_path / 'images', 4, seed=0, scale=40)
+    result = run_fid('ref', '--data', images, '--dest', tmp_path / 'r.pkl', '--metrics', 'fd_dinov2',
+                     '--pr-detector', 'vgg16', '--vgg16', tiny_vgg)
+    errors = [line for line in result.output.splitlines() if 'Error' in line]
+    assert result.exit_code != 0 and len(errors) == 1 and '--pr-detector=vgg16 was given' in errors[0], result.output

@@ -1,4 +1,4 @@
-"""Feature detectors for image-quality metrics: Inception-v3 (FID) and DINOv2 ViT-L/14 (FD_DINOv2).
+"""Feature detectors for image-quality metrics: Inception-v3 (FID), DINOv2 ViT-L/14 (FD_DINOv2), VGG-16 (P/R).
 
 Every detector maps uint8 NCHW RGB images of any resolution to float32 features [N, feature_dim],
 doing its own resizing and normalisation, exactly as the detectors of NVlabs/edm and NVlabs/edm2 do.
@@ -370,5 +370,75 @@ class DINOv2Detector(Detector):
         x = F.interpolate(x, size=(self.resolution, self.resolution), mode='bicubic', antialias=True)
         x = imagenet_normalize(x)
         return self.model.to(images.device)(x).to(torch.float32)
+
+#----------------------------------------------------------------------------
+# VGG-16 (precision/recall of StyleGAN2-ADA and tqch/ddpm-torch).
+
+VGG16_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/vgg16.pt'
+VGG16_ENV = 'EDM_VGG16_DETECTOR'
+VGG16_FILE = 'vgg16.pt'
+
+def vgg16_candidates() -> list[str]:
+    """Local places where NVIDIA's vgg16.pt may already be, in lookup order."""
+    return [
+        os.path.join(torch.hub.get_dir(), VGG16_FILE),  # where ddpm-torch's VGGFeatureExtractor saves it
+        dnnlib.util.url_cache_path(VGG16_URL),          # an earlier open_url download (StyleGAN2-ADA's cache)
+    ]
+
+def vgg16_missing_message(reason: str = '') -> str:
+    """One line telling the user every way to provide the VGG-16 detector."""
+    return (f'no VGG-16 detector available{": " + reason if reason else ""}. Download {VGG16_URL} and pass '
+            f'--vgg16 PATH (or set ${VGG16_ENV}), or place it at {vgg16_candidates()[0]}; or use --pr-detector=inception')
+
+def find_vgg16(path: str | None = None, allow_download: bool = True) -> str:
+    """Locate vgg16.pt, offline first: explicit path / $EDM_VGG16_DETECTOR, the torch hub and dnnlib
+    caches, and last a download of NVIDIA's file."""
+    source = path if path is not None else os.environ.get(VGG16_ENV) or None
+    if source is not None:
+        if dnnlib.util.is_url(source):
+            return dnnlib.util.open_url(source, return_filename=True)
+        if not os.path.isfile(source):
+            flag = '--vgg16' if path is not None else f'${VGG16_ENV}'
+            raise FileNotFoundError(f'{flag}={source}: no such file. ' + vgg16_missing_message())
+        return source
+    for candidate in vgg16_candidates():
+        if os.path.isfile(candidate):
+            return candidate
+    if not allow_download:
+        raise dnnlib.util.UserError(vgg16_missing_message())
+    try:
+        return dnnlib.util.open_url(VGG16_URL, return_filename=True)
+    except dnnlib.util.UserError as err:
+        raise dnnlib.util.UserError(vgg16_missing_message(f'download failed ({err})')) from None
+
+class VGG16Detector(Detector):
+    """4096-d VGG-16 features of NVIDIA's TorchScript vgg16.pt, the precision/recall detector of
+    Kynkaanniemi et al. 2019 as StyleGAN2-ADA and tqch/ddpm-torch run it: uint8 images go in unchanged
+    (the TorchScript module resizes and normalises them itself), `return_features=True`."""
+
+    def __init__(self,
+        path:           str | None = None,  # vgg16.pt; None = find_vgg16() lookup order.
+        allow_download: bool = True,        # May the last lookup step download NVIDIA's file?
+    ):
+        super().__init__(name='vgg16', feature_dim=4096)
+        self.path = find_vgg16(path, allow_download=allow_download)
+        try:
+            with warnings.catch_warnings(): # torch.jit.load is deprecated in favour of torch.export
+                warnings.simplefilter('ignore', DeprecationWarning)
+                self.model = torch.jit.load(self.path, map_location='cpu').eval()
+        except (RuntimeError, OSError, ValueError) as err:
+            raise dnnlib.util.UserError(f'{self.path}: cannot load the VGG-16 detector ({err}). ' + vgg16_missing_message()) from None
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, H, W] -> [N, 4096]."""
+        _check_images(images)
+        features = self.model.to(images.device)(images, return_features=True).to(torch.float32)
+        if features.ndim != 2 or features.shape[1] != self.feature_dim:
+            raise ValueError(f'{self.path} gave features of shape {tuple(features.shape)}, expected [N, {self.feature_dim}]; '
+                             f'is it the VGG-16 of {VGG16_URL}?')
+        return features
 
 #----------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from training import detectors as detectors_lib
 
 METRICS = ('fid', 'fd_dinov2', 'pr')
 METRIC_DETECTOR = {'fid': 'inception', 'fd_dinov2': 'dinov2', 'pr': 'inception'}
+PR_DETECTORS = ('inception', 'vgg16') # --pr-detector: Inception-v3 pool features (default) or VGG-16 (StyleGAN2-ADA, ddpm-torch)
 PR_MAX_REF = 50000 # reference features kept for precision/recall by `ref`; more are subsampled
 
 #----------------------------------------------------------------------------
@@ -205,26 +206,35 @@ def check_ref(ref: dict, metrics: list[str], detectors: dict[str, detectors_lib.
             have = ', '.join(m for m in METRICS if m in ref) or 'nothing usable'
             raise ValueError(f'--ref={ref_path} has no {metric!r} statistics (it holds: {have}); '
                              f'choose --metrics from those, or recompute it with fid.py ref --metrics={metric}')
-        width = detectors[METRIC_DETECTOR[metric]].feature_dim
+        width = detectors[detector_kind(metric, detectors)].feature_dim
         ref_width = np.shape(ref[metric]['features'])[1] if metric == 'pr' else np.shape(ref[metric]['mu'])[0]
         if ref_width != width:
             raise ValueError(f'--ref={ref_path} [{metric}] has {ref_width}-d features, but the detector '
-                             f'{detectors[METRIC_DETECTOR[metric]].name} gives {width}-d; recompute the reference with the same detector')
+                             f'{detectors[detector_kind(metric, detectors)].name} gives {width}-d; recompute the reference with the '
+                             f'same detector' + (' (--pr-detector)' if metric == 'pr' else ''))
 
 #----------------------------------------------------------------------------
 # Detectors per metric.
 
+def detector_kind(metric: str, detectors: dict) -> str:
+    """Key of the detector whose features `metric` uses: 'pr' takes VGG-16 where it was built (--pr-detector=vgg16)."""
+    return 'vgg16' if metric == 'pr' and 'vgg16' in detectors else METRIC_DETECTOR[metric]
+
 def build_detectors(metrics: list[str], inception: str | None = None, dinov2: str | None = None,
-                    dinov2_model: torch.nn.Module | None = None) -> dict[str, detectors_lib.Detector]:
+                    dinov2_model: torch.nn.Module | None = None, pr_detector: str = 'inception',
+                    vgg16: str | None = None) -> dict[str, detectors_lib.Detector]:
     """One detector per kind the metrics need; rank 0 builds first so only it ever downloads."""
+    kinds = {'vgg16' if m == 'pr' and pr_detector == 'vgg16' else METRIC_DETECTOR[m] for m in metrics}
     if dist.get_rank() != 0:
         dist.barrier()
     result = {}
     try:
-        if any(METRIC_DETECTOR[m] == 'inception' for m in metrics):
+        if 'inception' in kinds:
             result['inception'] = detectors_lib.InceptionV3Detector(path=inception)
-        if any(METRIC_DETECTOR[m] == 'dinov2' for m in metrics):
+        if 'dinov2' in kinds:
             result['dinov2'] = detectors_lib.DINOv2Detector(path=dinov2, model=dinov2_model)
+        if 'vgg16' in kinds:
+            result['vgg16'] = detectors_lib.VGG16Detector(path=vgg16)
     finally:
         if dist.get_rank() == 0:
             dist.barrier()
@@ -289,7 +299,8 @@ class StatsAccumulator:
         for metric, moments in self.moments.items():
             moments.add(features[METRIC_DETECTOR[metric]])
         if 'pr' in self.metrics:
-            kept = features['inception'] if pr_keep is None else features['inception'][pr_keep.to(self.device)]
+            pr_features = features[detector_kind('pr', self.detectors)]
+            kept = pr_features if pr_keep is None else pr_features[pr_keep.to(self.device)]
             self.pr_features.append(kept.cpu())
         self.num_local += images.shape[0]
 
@@ -302,7 +313,7 @@ class StatsAccumulator:
         for metric, moments in self.moments.items():
             stats[metric] = moments.finish(num)
         if 'pr' in self.metrics:
-            width = self.detectors['inception'].feature_dim
+            width = self.detectors[detector_kind('pr', self.detectors)].feature_dim
             local = torch.cat(self.pr_features) if self.pr_features else torch.zeros([0, width])
             stats['pr'] = dict(features=_gather_rows(local, self.device).cpu().numpy().astype(np.float16))
         return stats
@@ -444,8 +455,8 @@ def check_pr_config(pr: PRConfig | None, metrics: list[str], ref: dict | None, n
                              f'gives {count}; use a smaller --nhood-size or more images')
 
 def _setup(metrics: list[str] | None, ref_path: str | None, detector: str | None, dinov2: str | None,
-           dinov2_model: torch.nn.Module | None, pr: PRConfig | None = None,
-           num: int | None = None) -> tuple[list[str], dict | None, dict]:
+           dinov2_model: torch.nn.Module | None, pr: PRConfig | None = None, num: int | None = None,
+           pr_detector: str = 'inception', vgg16: str | None = None) -> tuple[list[str], dict | None, dict]:
     """Load the reference first (it is cheap and often wrong), then the detectors, then check they agree."""
     if dist.get_rank() != 0:
         dist.barrier() # rank 0 downloads a --ref URL first; the others read the cache
@@ -457,7 +468,12 @@ def _setup(metrics: list[str] | None, ref_path: str | None, detector: str | None
     if metrics is None:
         metrics = [m for m in METRICS if m in ref] if ref is not None else ['fid']
     check_pr_config(pr, metrics, ref, num)
-    detectors = build_detectors(metrics, inception=detector, dinov2=dinov2, dinov2_model=dinov2_model)
+    if pr_detector not in PR_DETECTORS:
+        raise ValueError(f'--pr-detector={pr_detector} is not one of {", ".join(PR_DETECTORS)}')
+    if pr_detector != 'inception' and 'pr' not in metrics:
+        raise ValueError(f'--pr-detector={pr_detector} was given, but the metrics are {",".join(metrics)}; add pr to --metrics')
+    detectors = build_detectors(metrics, inception=detector, dinov2=dinov2, dinov2_model=dinov2_model,
+                                pr_detector=pr_detector, vgg16=vgg16)
     if ref is not None:
         check_ref(ref, metrics, detectors, ref_path)
     return metrics, ref, detectors
@@ -465,12 +481,13 @@ def _setup(metrics: list[str] | None, ref_path: str | None, detector: str | None
 def calc(images: str, ref_path: str, metrics: list[str] | None = None, num: int = 50000, seed: int = 0, repeats: int = 1,
          batch_size: int = 64, num_workers: int = 2, device: torch.device = torch.device('cpu'),
          detector: str | None = None, dinov2: str | None = None, dinov2_model: torch.nn.Module | None = None,
-         pr: PRConfig | None = None) -> list[dict]:
+         pr: PRConfig | None = None, pr_detector: str = 'inception', vgg16: str | None = None) -> list[dict]:
     """Metrics of `repeats` disjoint random subsets of `num` images in a folder/zip vs reference statistics
     (EDM fid.py calc, EDM2 calculate_metrics.py calc). Results on rank 0, [] elsewhere."""
     dataset = open_image_files(images) # fail on a bad --images before loading detectors
     select_subsets(len(dataset), num, repeats, seed)
-    metrics, ref, detectors = _setup(metrics, ref_path, detector, dinov2, dinov2_model, pr=pr, num=num)
+    metrics, ref, detectors = _setup(metrics, ref_path, detector, dinov2, dinov2_model, pr=pr, num=num,
+                                     pr_detector=pr_detector, vgg16=vgg16)
     all_stats = stats_for_files(images, metrics, detectors, device, num=num, seed=seed, repeats=repeats,
                                 batch_size=batch_size, num_workers=num_workers)
     if dist.get_rank() != 0:
@@ -479,7 +496,7 @@ def calc(images: str, ref_path: str, metrics: list[str] | None = None, num: int 
 
 def ref(data: str, dest: str, metrics: list[str] | None = None, seed: int = 0, batch_size: int = 64, num_workers: int = 2,
         device: torch.device = torch.device('cpu'), detector: str | None = None, dinov2: str | None = None,
-        dinov2_model: torch.nn.Module | None = None) -> dict:
+        dinov2_model: torch.nn.Module | None = None, pr_detector: str = 'inception', vgg16: str | None = None) -> dict:
     """Reference statistics of every image in a dataset, written atomically to .npz or .pkl (EDM/EDM2 ref)."""
     if metrics is None:
         metrics = default_metrics_for_file(dest)
@@ -488,7 +505,7 @@ def ref(data: str, dest: str, metrics: list[str] | None = None, seed: int = 0, b
     if os.path.splitext(dest)[1].lower() not in ('.npz', '.pkl'):
         raise ValueError(f'--dest={dest}: unknown statistics format; use .npz (EDM, FID only) or .pkl (EDM2)')
     open_image_files(data)
-    metrics, _ref, detectors = _setup(metrics, None, detector, dinov2, dinov2_model)
+    metrics, _ref, detectors = _setup(metrics, None, detector, dinov2, dinov2_model, pr_detector=pr_detector, vgg16=vgg16)
     stats = stats_for_files(data, metrics, detectors, device, seed=seed, batch_size=batch_size, num_workers=num_workers)[0]
     if dist.get_rank() == 0:
         save_stats(stats, dest)
@@ -498,10 +515,12 @@ def ref(data: str, dest: str, metrics: list[str] | None = None, seed: int = 0, b
 def gen(net: str | torch.nn.Module, ref_path: str, metrics: list[str] | None = None, num: int = 50000, seed: int = 0,
         repeats: int = 1, batch_size: int = 32, device: torch.device = torch.device('cpu'), gnet: str | torch.nn.Module | None = None,
         trust: bool = False, detector: str | None = None, dinov2: str | None = None,
-        dinov2_model: torch.nn.Module | None = None, pr: PRConfig | None = None, **sampler_kwargs) -> list[dict]:
+        dinov2_model: torch.nn.Module | None = None, pr: PRConfig | None = None, pr_detector: str = 'inception',
+        vgg16: str | None = None, **sampler_kwargs) -> list[dict]:
     """Metrics of images generated on the fly for seeds seed + r*num ... seed + (r+1)*num - 1 of each
     repeat r, with nothing written to disk (EDM2 calculate_metrics.py gen). Results on rank 0."""
-    metrics, ref, detectors = _setup(metrics, ref_path, detector, dinov2, dinov2_model, pr=pr, num=num)
+    metrics, ref, detectors = _setup(metrics, ref_path, detector, dinov2, dinov2_model, pr=pr, num=num,
+                                     pr_detector=pr_detector, vgg16=vgg16)
     net, gnet, encoder = _load_generators(net, gnet, trust, device)
     results = []
     for r in range(repeats):
