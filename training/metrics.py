@@ -27,6 +27,7 @@ from training import detectors as detectors_lib
 
 METRICS = ('fid', 'fd_dinov2', 'pr')
 METRIC_DETECTOR = {'fid': 'inception', 'fd_dinov2': 'dinov2', 'pr': 'inception'}
+PR_DTYPES = ('float32', 'float16') # --pr-dtype: distance arithmetic of precision/recall (PRConfig.dtype)
 PR_DETECTORS = ('inception', 'vgg16') # --pr-detector: Inception-v3 pool features (default) or VGG-16 (StyleGAN2-ADA, ddpm-torch)
 PR_MAX_REF = 50000 # reference features kept for precision/recall by `ref`; more are subsampled
 
@@ -90,8 +91,6 @@ class PRConfig:
         for name in ('nhood_size', 'row_batch_size', 'col_batch_size'):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f'--{name.replace("_", "-")}={getattr(self, name)} must be a positive integer')
-
-PR_DTYPES = ('float32', 'float16')
 
 def pairwise_distances(rows: torch.Tensor, cols: torch.Tensor, col_batch_size: int = 10000) -> torch.Tensor:
     """Euclidean distances [len(rows), len(cols)] in the features' dtype, one column block at a time.
