@@ -104,3 +104,9 @@ def test_stream_resample_draws_new_points_reproducibly():
     resumed = toy_data.ToyDataStream('gaussian8', batch_size=4, num_batches=2, seed=3, resample=True)
     resumed.set_epoch(2)
     assert torch.equal(torch.cat(list(resumed)), epochs[2])
+
+def test_seed_none_draws_fresh_points_like_the_reference_streamer():
+    first, second = (toy_data.make_toy_dataset('gaussian25', 50, seed=None) for _ in range(2))
+    assert first.shape == (50, 2) and not np.array_equal(first, second)
+    stream = toy_data.ToyDataStream('gaussian8', batch_size=5, num_batches=2, seed=None, resample=True)
+    assert not torch.equal(torch.cat(list(stream)), torch.cat(list(stream)))

@@ -11,8 +11,8 @@ for the same numpy version the points are bit-identical:
 - swissroll: scikit-learn's make_swiss_roll(size, noise=0.25, random_state=seed), columns x and z,
   written out here with the same RandomState draws (scikit-learn is not needed).
 
-The reference's train_toy.py builds its datasets with random_state=None (fresh OS entropy); we always
-take a seed, so a toy run is reproducible.
+The reference's train_toy.py builds its datasets with random_state=None (fresh OS entropy); we take a
+seed (default 1234), so a toy run is reproducible; seed=None gives the reference's behaviour.
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ def check_toy_name(name: str) -> None:
 #----------------------------------------------------------------------------
 # Sampling.
 
-def make_toy_dataset(name: str, size: int, seed: int = 1234, noise: float | None = None) -> np.ndarray:
-    """`size` points of a 2-D toy dataset as float32 [size, 2] (ddpm-torch Gaussian8/Gaussian25/SwissRoll)."""
+def make_toy_dataset(name: str, size: int, seed: int | None = 1234, noise: float | None = None) -> np.ndarray:
+    """`size` points of a 2-D toy dataset as float32 [size, 2] (ddpm-torch Gaussian8/Gaussian25/SwissRoll);
+    seed None = fresh OS entropy, as the reference's random_state=None."""
     check_toy_name(name)
     if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
         raise ValueError(f'--size={size} must be a positive integer')
@@ -99,7 +100,7 @@ class ToyDataStream:
         name:        str,           # One of TOY_DATASETS.
         batch_size:  int,           # Points per batch.
         num_batches: int,           # Batches per epoch; the dataset holds batch_size * num_batches points.
-        seed:        int = 1234,    # Seed of epoch 0's draw; later draws derive theirs from (seed, epoch).
+        seed:        int | None = 1234, # Seed of epoch 0's draw; later draws derive theirs from (seed, epoch). None = OS entropy.
         resample:    bool = False,  # Draw new points after each epoch? False = the reference default.
         noise:       float | None = None, # Noise std. None = the dataset's default.
     ):
@@ -111,7 +112,7 @@ class ToyDataStream:
 
     def epoch_seed(self, epoch: int) -> int:
         """Seed of the draw used in `epoch`: `seed` itself for epoch 0 (or without resampling)."""
-        if epoch == 0 or not self.resample:
+        if epoch == 0 or not self.resample or self.seed is None:
             return self.seed
         return int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
 
