@@ -97,12 +97,12 @@ class ToyDataStream:
     served in order, num_batches batches per epoch; with resample, a fresh draw after every epoch."""
 
     def __init__(self,
-        name:        str,           # One of TOY_DATASETS.
-        batch_size:  int,           # Points per batch.
-        num_batches: int,           # Batches per epoch; the dataset holds batch_size * num_batches points.
-        seed:        int | None = 1234, # Seed of epoch 0's draw; later draws derive theirs from (seed, epoch). None = OS entropy.
-        resample:    bool = False,  # Draw new points after each epoch? False = the reference default.
-        noise:       float | None = None, # Noise std. None = the dataset's default.
+        name:        str,                   # One of TOY_DATASETS.
+        batch_size:  int,                   # Points per batch.
+        num_batches: int,                   # Batches per epoch; the dataset holds batch_size * num_batches points.
+        seed:        int | None   = 1234,   # Seed of epoch 0's draw; later ones derive from (seed, epoch). None = OS entropy.
+        resample:    bool         = False,  # Draw new points after each epoch? False = the reference default.
+        noise:       float | None = None,   # Noise std. None = the dataset's default.
     ):
         if not isinstance(batch_size, int) or batch_size < 1 or not isinstance(num_batches, int) or num_batches < 1:
             raise ValueError(f'--batch-size={batch_size} and the number of batches ({num_batches}) must be positive integers')
