@@ -80,7 +80,7 @@ def test_celeba_resolution_override_keeps_crop_and_filter(tmp_path):
     image = np.random.default_rng(2).integers(0, 256, size=(218, 178, 3), dtype=np.uint8)
     folder = make_celeba(tmp_path, ['000001.jpg'], [image])
     dest = tmp_path / 'out.zip'
-    result = run_tool('convert', '--source', folder, '--dest', dest, '--ddpm-dataset', 'celeba',
+    result = run_tool('convert', '--source', folder / 'img_align_celeba', '--dest', dest, '--ddpm-dataset', 'celeba',
                       '--resolution', '32x32', '--max-images', 1, '--workers', 1)
     assert result.exit_code == 0, result.output
     (out,), _ = images_in_order(dest)

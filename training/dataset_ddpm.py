@@ -87,6 +87,8 @@ def _find_folder(source: str, *candidates: str) -> str:
 def open_ddpm_celeba(source: str, max_images: Optional[int]) -> dataset_convert.Source:
     """All CelebA images (split 'all') in the order of list_eval_partition.txt, unlabeled."""
     folder = _find_folder(source, 'celeba')
+    if os.path.basename(os.path.normpath(folder)) == 'img_align_celeba':
+        folder = os.path.dirname(os.path.normpath(folder)) # the images' folder itself: the partition file is beside it
     partition = os.path.join(folder, 'list_eval_partition.txt')
     if not os.path.isfile(partition):
         raise ValueError(f'--ddpm-dataset=celeba needs --source=<folder holding list_eval_partition.txt and img_align_celeba/>; '
