@@ -5,10 +5,11 @@ defaults (seeds 16-19, EDM2's float32 Heun sampler with 32 steps), over the code
 """
 
 import click
+import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import presets_generate, sampling
+from training import presets_generate
 from training.edm2_generate import edm_sampler, generate_images  # noqa: F401  (EDM2's importable API)
 from training.sampling import StackedRandomGenerator  # noqa: F401  (EDM2 scripts import it from here)
 
@@ -65,7 +66,13 @@ def cmdline(preset, **opts):
         raise click.UsageError('Please specify either --preset or --net')
     cfg = presets_generate.build_config(preset, sampler='edm2', net=net, gnet=gnet, **opts)
     dist.init(cfg.device if cfg.device not in (None, 'auto') else None)
-    sampling.generate_from_config(cfg)
+    # As EDM2 does: every PNG is (re)written; generate.py instead resumes, skipping those present.
+    batches = generate_images(cfg.net, gnet=cfg.gnet, outdir=cfg.outdir, subdirs=cfg.subdirs, seeds=cfg.seeds,
+                              class_idx=cfg.class_idx, max_batch_size=cfg.batch_size, device=cfg.device,
+                              trust=cfg.trust_pickle, **cfg.sampler_kwargs())
+    for _batch in tqdm.tqdm(batches, unit='batch', disable=(dist.get_rank() != 0)):
+        pass
+    dist.print0('Done.')
 
 
 main = cmdline

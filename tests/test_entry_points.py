@@ -28,14 +28,21 @@ pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 def edm2_net(label_dim=4, seed=0):
     torch.manual_seed(seed)
-    return networks_edm2.Precond(img_resolution=8, img_channels=3, label_dim=label_dim, use_fp16=False, model_channels=16,
-                                 channel_mult=[1, 2], num_blocks=1, attn_resolutions=[]).eval().requires_grad_(False)
+    net = networks_edm2.Precond(img_resolution=8, img_channels=3, label_dim=label_dim, use_fp16=False, model_channels=16,
+                                channel_mult=[1, 2], num_blocks=1, attn_resolutions=[]).eval().requires_grad_(False)
+    for name, param in net.named_parameters():
+        if name.endswith('_gain'):  # EDM2 starts its learned gains at 0, which would make every net D(x) = c_skip x.
+            param.fill_(1)
+    return net
 
 
 def edm_net(label_dim=4, seed=0):
     torch.manual_seed(seed)
-    return networks.EDMPrecond(img_resolution=4, img_channels=3, label_dim=label_dim, model_type='SongUNet', model_channels=8,
-                               channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0).eval().requires_grad_(False)
+    net = networks.EDMPrecond(img_resolution=4, img_channels=3, label_dim=label_dim, model_type='SongUNet', model_channels=8,
+                              channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0).eval().requires_grad_(False)
+    for param in net.parameters():  # The output layer starts near 0; make the net's output matter.
+        param.add_(torch.randn_like(param) * 0.1)
+    return net
 
 
 @pytest.fixture(scope='module')
@@ -69,15 +76,22 @@ def test_generate_images_defaults_and_same_images_as_generate(pickles, tmp_path)
     assert code == 0, output
     for name in os.listdir(tmp_path / 'a'):
         assert np.array_equal(read_png(tmp_path / 'a' / name), read_png(tmp_path / 'b' / name)), name
+    # EDM2 rewrites what is there (generate.py would resume and keep these): another net, other images.
+    code, output = invoke(generate_images.cmdline, '--net', pickles['guide'], '--outdir', tmp_path / 'a', '--seeds', 16,
+                          '--device', 'cpu')
+    assert code == 0, output
+    assert not np.array_equal(read_png(tmp_path / 'a/000016.png'), read_png(tmp_path / 'b/000016.png'))
 
 
 def test_generate_images_uses_edm2_sampler_also_for_edm_nets(pickles, tmp_path):
-    # EDM2's script runs its float32 sampler whatever the pickle; generate.py picks EDM's for EDM nets.
-    assert invoke(generate_images.cmdline, '--net', pickles['edm_cond'], '--outdir', tmp_path / 'a', '--seeds', 0,
-                  '--steps', 4, '--device', 'cpu')[0] == 0
-    assert invoke(generate.main, '--net', pickles['edm_cond'], '--outdir', tmp_path / 'b', '--seeds', 0, '--steps', 4,
-                  '--sampler', 'edm2', '--device', 'cpu')[0] == 0
+    # EDM2's script runs its float32 sampler whatever the pickle; generate.py picks EDM's for EDM nets. With churn
+    # above --S_max on the first step they differ: EDM's sampler draws that step's noise anyway, EDM2's does not.
+    churn = ['--seeds', 0, '--steps', 4, '--S_churn', 10, '--S_max', 50, '--device', 'cpu']
+    assert invoke(generate_images.cmdline, '--net', pickles['edm_cond'], '--outdir', tmp_path / 'a', *churn)[0] == 0
+    assert invoke(generate.main, '--net', pickles['edm_cond'], '--outdir', tmp_path / 'b', '--sampler', 'edm2', *churn)[0] == 0
+    assert invoke(generate.main, '--net', pickles['edm_cond'], '--outdir', tmp_path / 'c', *churn)[0] == 0
     assert np.array_equal(read_png(tmp_path / 'a/000000.png'), read_png(tmp_path / 'b/000000.png'))
+    assert not np.array_equal(read_png(tmp_path / 'a/000000.png'), read_png(tmp_path / 'c/000000.png'))
 
 
 def test_generate_images_cli_errors_are_one_line(pickles, tmp_path):

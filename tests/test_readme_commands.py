@@ -166,6 +166,10 @@ def make_published_files(root):
     # Post-hoc EMA reconstruction needs snapshots past 0 kimg: 2 x 1024 images in batches of 256.
     edm2_run = train_tiny(root / 'runs/edm2', train_data, 'tiny-edm2', batch_size=256, snapshot_nimg=1024)
     edm_pkl = sorted(glob.glob(str(edm_run / 'network-snapshot-*.pkl')))[-1]
+    # The STF rows evaluate a finished run folder: the training states its train.py row (run as -n) would leave.
+    os.makedirs(root / 'training-runs/exp_name')
+    for path in glob.glob(str(edm_run / 'training-state-*.pt')):
+        shutil.copy(path, root / 'training-runs/exp_name')
     edm2_pkls = sorted(glob.glob(str(edm2_run / 'network-snapshot-*.pkl')))
     os.makedirs(root / 'raw-snapshots/edm2-img512-xs')
     for path in edm2_pkls:
