@@ -1,7 +1,9 @@
 """Calculate evaluation metrics (FID and FD_DINOv2): NVlabs/edm2 calculate_metrics.py, with its
 subcommands, options and defaults, over the code of fid.py (training/metrics.py does the work).
 
-Each result is printed as `<metric> = <value>`, as the reference prints it.
+Each result is printed as `<metric> = <value>`, as the reference prints it. EDM2's Python API
+(`calculate_stats_for_iterable`, `calculate_metrics_from_stats`, `load_stats`, `save_stats`) is
+importable from here as in EDM2 (training/edm2_metrics.py).
 """
 
 import click
@@ -11,6 +13,7 @@ from fid import parse_metric_list, report, setup_device
 from torch_utils import distributed as dist
 from training import detectors as detectors_lib
 from training import metrics as metrics_lib
+from training.edm2_metrics import calculate_metrics_from_stats, calculate_stats_for_iterable, load_stats, save_stats  # noqa: F401
 
 METRICS_HELP = 'List of metrics to compute  [default: fid,fd_dinov2; calc/gen: those in --ref]'
 

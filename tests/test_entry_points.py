@@ -19,7 +19,9 @@ import fid
 import generate
 import generate_images
 import train_edm2
+from tests.conftest import free_port
 from tests.test_metrics import tiny_vit
+from torch_utils import distributed as dist
 from torch_utils import persistence
 from training import example_grid, flops, networks, networks_edm2, presets, sampling
 
@@ -127,6 +129,29 @@ def test_generate_images_api_yields_reference_fields_and_writes_pngs(pickles, tm
     api = next(iter(generate_images.generate_images(net, seeds=[16, 17], class_idx=1, device='cpu', verbose=False)))
     ours = next(iter(sampling.generate_images(net, [16, 17], class_idx=1, sampler='edm2')))
     assert torch.equal(api.images, ours.images) and api.labels[:, 1].eq(1).all()
+
+
+def _api_worker(rank, port, net_pkl, outdir, results):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2')
+    torch.set_num_threads(1)
+    dist.init(torch.device('cpu'))
+    batches = generate_images.generate_images(net_pkl, outdir=outdir, seeds=range(7), max_batch_size=2, num_steps=4,
+                                              device='cpu', verbose=False)
+    results[rank] = [(r.batch_idx, r.num_batches, list(r.seeds)) for r in batches]
+    dist.shutdown()
+
+
+def test_generate_images_api_splits_seeds_over_two_ranks_like_edm2(pickles, tmp_path):
+    port, results = free_port(), torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_api_worker, args=(port, pickles['edm2'], str(tmp_path / 'two'), results), nprocs=2, join=True)
+    # EDM2: 7 seeds in 2 x ceil(7 / (2 x 2)) = 4 near-equal batches, dealt round-robin; equal counts per rank.
+    assert dict(results) == {0: [(0, 2, [0, 1]), (1, 2, [4, 5])], 1: [(0, 2, [2, 3]), (1, 2, [6])]}
+    for _ in generate_images.generate_images(pickles['edm2'], outdir=str(tmp_path / 'one'), seeds=range(7), num_steps=4,
+                                             device='cpu', verbose=False):
+        pass
+    for seed in range(7):
+        name = f'{seed:06d}.png'
+        assert np.array_equal(read_png(tmp_path / 'one' / name), read_png(tmp_path / 'two' / name)), name
 
 
 def test_generate_images_api_accepts_sampler_functions(pickles):
@@ -266,3 +291,29 @@ def test_calculate_metrics_prints_what_fid_py_prints(tmp_path, monkeypatch):
     assert code == 0 and len(ours) == 1 and re.findall(r'fd_dinov2 = \S+', output) == ours, output
     code, output = invoke(calculate_metrics.cmdline, 'calc', '--images', images, '--ref', ref, '--num', 50, '--workers', 0)
     assert code == 1 and '--num=50' in output and 'Traceback' not in output
+
+
+def test_edm2_metrics_api_chains_generate_images_as_gen_does(pickles, tmp_path, monkeypatch, capsys):
+    from tests.test_readme_commands import TinyInception
+    from training import metrics
+    detector = tmp_path / 'tiny-inception.pt'
+    torch.jit.save(torch.jit.script(TinyInception().eval()), str(detector))
+    monkeypatch.setenv('EDM_FID_DETECTOR', str(detector))
+    images = tmp_path / 'images'
+    images.mkdir()
+    for i, image in enumerate(np.random.RandomState(2).randint(0, 256, [6, 8, 8, 3], dtype=np.uint8)):
+        PIL.Image.fromarray(image).save(images / f'{i}.png')
+    ref = str(tmp_path / 'ref.pkl')
+    metrics.ref(str(images), ref, metrics=['fid'], num_workers=0)
+
+    image_iter = generate_images.generate_images(pickles['edm2'], seeds=range(6), num_steps=4, device='cpu', verbose=False)
+    stats_iter = calculate_metrics.calculate_stats_for_iterable(image_iter, metrics=['fid'], device='cpu', verbose=False,
+                                                                dest_path=str(tmp_path / 'gen.pkl'))
+    results = list(stats_iter)
+    assert len(results) == 1 and results[-1].stats['num_images'] == 6 and (tmp_path / 'gen.pkl').is_file()
+    capsys.readouterr()
+    values = calculate_metrics.calculate_metrics_from_stats(results[-1].stats, ref, metrics=['fid', 'fd_dinov2'])
+    printed = capsys.readouterr().out
+    assert 'No statistics computed for fd_dinov2 -- skipping.' in printed and f'fid = {values["fid"]:g}' in printed
+    gen = metrics.gen(pickles['edm2'], ref, metrics=['fid'], num=6, seed=0, num_steps=4)
+    assert values == {'fid': pytest.approx(gen[0]['fid'], rel=1e-9)}
