@@ -14,7 +14,8 @@ What a row may change, each spelled out in `subs` as (text in the command, repla
 row that starts passing is reported, so that the mark gets removed.
 
 Left out, not being commands of this project: `docker build` (the `docker run` lines run
-`python example.py` / `generate_images.py`, listed), `conda env create`, `rclone copy`, `pip install`.
+`python example.py` / `generate_images.py`, listed), `conda env create`, `rclone copy`, `pip install`,
+and the `python <script>.py --help` the READMEs point to (tests/test_docs.py runs every `--help`).
 """
 
 import dataclasses
@@ -148,6 +149,9 @@ ROWS = [
     Row('EDM2', 'torchrun --standalone --nproc_per_node=8 train_edm2.py --outdir=training-runs/00000-edm2-img512-xs '
                 '--data=datasets/img512-sd.zip --preset=edm2-img512-xs --batch-gpu=32',
         subs=(_torchrun(8), _DRY), expect=('>Dry run',)),
+    # No display in a test: the figure goes to a file; fewer samples and a coarser density grid.
+    Row('EDM2', 'python toy_example.py plot', subs=(('plot', 'plot --samples=64 --grid=16 --save=toy.png'),),
+        expect=('toy.png',)),
 
     # ---- STF README (the EDM fork): its training form and per-checkpoint evaluation ----
     Row('STF', 'torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs --name=exp_name '

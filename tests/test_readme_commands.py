@@ -27,7 +27,7 @@ import dnnlib
 from tests.readme_commands import ROWS
 from tests.test_metrics import tiny_vit
 from torch_utils import persistence
-from training import detectors, metrics, presets_generate, training_loop
+from training import metrics, presets_generate, toy, training_loop
 from training.presets import build_config
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
@@ -35,7 +35,8 @@ pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 # Script -> name of its click command.
 COMMANDS = {'example.py': 'main', 'generate.py': 'main', 'fid.py': 'main', 'dataset_tool.py': 'cmdline',
             'train.py': 'main', 'reconstruct_phema.py': 'cmdline', 'generate_images.py': 'cmdline',
-            'calculate_metrics.py': 'cmdline', 'count_flops.py': 'cli', 'train_edm2.py': 'cmdline'}
+            'calculate_metrics.py': 'cmdline', 'count_flops.py': 'cli', 'train_edm2.py': 'cmdline',
+            'toy_example.py': 'cmdline'}
 
 #----------------------------------------------------------------------------
 # Tiny stand-ins.
@@ -189,6 +190,10 @@ def make_published_files(root):
             place_in_cache(url, edm2_pkls[-1])
         else:
             place_in_cache(url, edm_pkl)
+    for spec in toy.DEFAULT_MODELS.values():  # toy_example.py's published models, tiny
+        name = toy.model_name(spec['classes'], spec['num_layers'], spec['hidden_dim'])
+        toy.save_snapshot(toy.ToyModel(num_layers=1, hidden_dim=8), str(root / 'toy.pkl'))
+        place_in_cache(toy.REFERENCE_URL.format(name=name, iter=spec['total_iter']), root / 'toy.pkl')
     for example in ('edm-cifar10-32x32-cond-vp', 'edm-ffhq-64x64-uncond-vp', 'edm-afhqv2-64x64-uncond-vp',
                     'edm-imagenet-64x64-cond-adm'):  # example.py's models
         place_in_cache(f'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/{example}.pkl', edm_pkl)
