@@ -92,7 +92,7 @@ def gen(net, ref_path, num, seed, batch, trust, metrics, detector, dinov2, devic
     """Calculate metrics for a given model using default sampler settings."""
     device = setup_device(device)
     results = metrics_lib.gen(net, ref_path, metrics=metrics, num=num, seed=seed, batch_size=batch, device=device,
-                              trust=trust, detector=detector, dinov2=dinov2)
+                              trust=trust, detector=detector, dinov2=dinov2, sampler='edm2')  # EDM2's, for every pickle
     report(results, {}, None)
     dist.barrier()
 

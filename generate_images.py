@@ -27,24 +27,24 @@ def parse_seeds(ctx, param, value):
 
 
 @click.command(context_settings=dict(max_content_width=120))
-@click.option('--preset',                   help='Configuration preset', metavar='STR',                          type=click.Choice(EDM2_PRESETS), default=None)
-@click.option('--net',                      help='Main network pickle filename', metavar='PATH|URL',             type=str, default=None)
-@click.option('--gnet',                     help='Guiding network pickle filename', metavar='PATH|URL',          type=str, default=None)
-@click.option('--outdir',                   help='Where to save the output images', metavar='DIR',               type=str, required=True)
+@click.option('--preset',                   help='Configuration preset',                         metavar='STR',       type=click.Choice(EDM2_PRESETS), default=None)
+@click.option('--net',                      help='Main network pickle filename',                 metavar='PATH|URL',  type=str, default=None)
+@click.option('--gnet',                     help='Guiding network pickle filename',              metavar='PATH|URL',  type=str, default=None)
+@click.option('--outdir',                   help='Where to save the output images',              metavar='DIR',       type=str, required=True)
 @click.option('--subdirs',                  help='Create subdirectory for every 1000 seeds',                     is_flag=True)
-@click.option('--seeds',                    help='List of random seeds (e.g. 1,2,5-10)', metavar='LIST',         type=str, default='16-19', show_default=True, callback=parse_seeds)
-@click.option('--class', 'class_idx',       help='Class label  [default: random]', metavar='INT',                type=click.IntRange(min=0), default=None)
-@click.option('--batch', 'batch_size',      help='Maximum batch size', metavar='INT',                            type=click.IntRange(min=1), default=32, show_default=True)
-@click.option('--steps', 'num_steps',       help='Number of sampling steps', metavar='INT',                      type=click.IntRange(min=2), default=32, show_default=True)
-@click.option('--sigma_min',                help='Lowest noise level', metavar='FLOAT',                          type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True)
-@click.option('--sigma_max',                help='Highest noise level', metavar='FLOAT',                         type=click.FloatRange(min=0, min_open=True), default=80, show_default=True)
-@click.option('--rho',                      help='Time step exponent', metavar='FLOAT',                          type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
-@click.option('--guidance',                 help='Guidance strength  [default: 1; no guidance]', metavar='FLOAT', type=float, default=None)
-@click.option('--S_churn', 'S_churn',       help='Stochasticity strength', metavar='FLOAT',                      type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--S_min', 'S_min',           help='Stoch. min noise level', metavar='FLOAT',                      type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--S_max', 'S_max',           help='Stoch. max noise level', metavar='FLOAT',                      type=click.FloatRange(min=0), default='inf', show_default=True)
-@click.option('--S_noise', 'S_noise',       help='Stoch. noise inflation', metavar='FLOAT',                      type=float, default=1, show_default=True)
-@click.option('--device',                   help='auto | cuda | cuda:N | cpu | mps', metavar='STR',              type=str, default='auto', show_default=True)
+@click.option('--seeds',                    help='List of random seeds (e.g. 1,2,5-10)',         metavar='LIST',      type=str, default='16-19', show_default=True, callback=parse_seeds)
+@click.option('--class', 'class_idx',       help='Class label  [default: random]',               metavar='INT',       type=click.IntRange(min=0), default=None)
+@click.option('--batch', 'batch_size',      help='Maximum batch size',                           metavar='INT',       type=click.IntRange(min=1), default=32, show_default=True)
+@click.option('--steps', 'num_steps',       help='Number of sampling steps  [default: 32]',      metavar='INT',       type=click.IntRange(min=2), default=None)
+@click.option('--sigma_min',                help='Lowest noise level  [default: 0.002]',         metavar='FLOAT',     type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--sigma_max',                help='Highest noise level  [default: 80]',           metavar='FLOAT',     type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--rho',                      help='Time step exponent  [default: 7]',             metavar='FLOAT',     type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--guidance',                 help='Guidance strength  [default: 1; no guidance]', metavar='FLOAT',     type=float, default=None)
+@click.option('--S_churn', 'S_churn',       help='Stochasticity strength  [default: 0]',         metavar='FLOAT',     type=click.FloatRange(min=0), default=None)
+@click.option('--S_min', 'S_min',           help='Stoch. min noise level  [default: 0]',         metavar='FLOAT',     type=click.FloatRange(min=0), default=None)
+@click.option('--S_max', 'S_max',           help='Stoch. max noise level  [default: inf]',       metavar='FLOAT',     type=click.FloatRange(min=0), default=None)
+@click.option('--S_noise', 'S_noise',       help='Stoch. noise inflation  [default: 1]',         metavar='FLOAT',     type=float, default=None)
+@click.option('--device',                   help='auto | cuda | cuda:N | cpu | mps',             metavar='STR',       type=str, default='auto', show_default=True)
 @click.option('--trust-pickle', 'trust_pickle', help='Load pickles that run their embedded code',                is_flag=True, default=None)
 @dnnlib.util.cli_errors
 def cmdline(preset, **opts):
@@ -61,6 +61,7 @@ def cmdline(preset, **opts):
     torchrun --standalone --nproc_per_node=8 generate_images.py \\
         --preset=edm2-img64-s-fid --outdir=out --subdirs --seeds=0-49999
     """
+    # Sampler options left at None take the defaults of EDM2's sampler (training.sampling.edm2_sampler).
     net, gnet = opts.pop('net'), opts.pop('gnet')
     if preset is None and net is None:
         raise click.UsageError('Please specify either --preset or --net')
