@@ -30,8 +30,8 @@ pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 def edm2_net(label_dim=4, seed=0):
     torch.manual_seed(seed)
-    net = networks_edm2.Precond(img_resolution=8, img_channels=3, label_dim=label_dim, use_fp16=False, model_channels=16,
-                                channel_mult=[1, 2], num_blocks=1, attn_resolutions=[]).eval().requires_grad_(False)
+    net = networks_edm2.Precond(img_resolution=4, img_channels=3, label_dim=label_dim, use_fp16=False, model_channels=8,
+                                channel_mult=[1], num_blocks=1, attn_resolutions=[]).eval().requires_grad_(False)
     for name, param in net.named_parameters():
         if name.endswith('_gain'):  # EDM2 starts its learned gains at 0, which would make every net D(x) = c_skip x.
             param.fill_(1)
@@ -117,17 +117,17 @@ def test_generate_images_api_yields_reference_fields_and_writes_pngs(pickles, tm
     assert [int(i) for r in results for i in r.indices] == list(range(5))
     first = results[0]
     assert set(first) == {'images', 'labels', 'noise', 'batch_idx', 'num_batches', 'indices', 'seeds'}
-    assert first.images.dtype == torch.uint8 and first.images.shape == (2, 3, 8, 8)
-    assert first.noise.shape == (2, 3, 8, 8) and first.labels.shape == (2, 4)
+    assert first.images.dtype == torch.uint8 and first.images.shape == (2, 3, 4, 4)
+    assert first.noise.shape == (2, 3, 4, 4) and first.labels.shape == (2, 4)
     # The noise is seed 3's own generator, whatever the batch.
-    torch.testing.assert_close(first.noise[0], torch.randn([3, 8, 8], generator=torch.Generator().manual_seed(3)))
+    torch.testing.assert_close(first.noise[0], torch.randn([3, 4, 4], generator=torch.Generator().manual_seed(3)))
     assert np.array_equal(read_png(tmp_path / '001000' / '001000.png'), results[1].images[1].permute(1, 2, 0).numpy())
     assert os.path.isfile(tmp_path / '000000' / '000003.png')
 
-    # A module and the default sampler (EDM2's, 32 steps): the same images as the richer generator.
+    # A module and the default sampler (EDM2's): the same images as the richer generator.
     net = edm2_net()
-    api = next(iter(generate_images.generate_images(net, seeds=[16, 17], class_idx=1, device='cpu', verbose=False)))
-    ours = next(iter(sampling.generate_images(net, [16, 17], class_idx=1, sampler='edm2')))
+    api = next(iter(generate_images.generate_images(net, seeds=[16, 17], class_idx=1, num_steps=8, device='cpu', verbose=False)))
+    ours = next(iter(sampling.generate_images(net, [16, 17], class_idx=1, sampler='edm2', num_steps=8)))
     assert torch.equal(api.images, ours.images) and api.labels[:, 1].eq(1).all()
 
 
