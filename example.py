@@ -37,7 +37,6 @@ def main(model_root, outdir, models, device, trust):
         example = example_grid.EXAMPLES[name]
         example_grid.generate_image_grid(f'{model_root.rstrip("/")}/{example.network}', os.path.join(outdir, example.dest),
                                          device=device, trust=trust, **example.sampler)
-    click.echo('Done.')
 
 
 if __name__ == '__main__':

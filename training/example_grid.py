@@ -70,4 +70,5 @@ def generate_image_grid(
 
     dist.print0(f'Saving image grid to "{dest_path}"...')
     sampling.save_png(sampling.image_grid(images.numpy(), grid_w=gridw), dest_path)
+    dist.print0('Done.')
     return images
