@@ -443,7 +443,8 @@ def sampler_options(fn: Callable) -> list[str]:
 def check_sampler_kwargs(fn: Callable, kwargs: dict, name: str = None) -> None:
     """Raise ValueError naming any option the sampler does not take."""
     valid = sampler_options(fn)
-    takes_any = fn not in _WRAPPED and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+    params = inspect.signature(fn).parameters.values()
+    takes_any = fn not in _WRAPPED and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)  # a user's **kwargs sampler
     bad = [] if takes_any else [k for k in kwargs if k not in valid]
     if bad:
         raise ValueError(f'sampler {name or fn.__name__!r} does not take {", ".join(bad)}; '
