@@ -12,8 +12,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from torch_utils import misc
-from training import presets
+from training import launch, presets
 from training.training_loop import training_loop
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')
@@ -188,12 +187,8 @@ def main(outdir, desc, nosubdir, dry_run, **opts):
         raise click.BadParameter('is required (the run directory)', param_hint='--outdir')
     if cfg.data is None:
         raise click.BadParameter('is required (a dataset folder or .zip made by dataset_tool.py)', param_hint='--data')
-    device = misc.choose_device(cfg.device)
-    dist.init(device)
-    device = dist.device_for_rank(device)
-    presets.check_batch(cfg, dist.get_world_size())
+    device = launch.init_run(cfg)
     run_dir = choose_run_dir(outdir, cfg, desc, nosubdir)
-    dist.install_signal_handlers()
     result = training_loop(cfg, run_dir=run_dir, device=device)
     dist.print0(f'Run directory: {run_dir} ({result.cur_nimg / 1e3:.1f} kimg)')
 

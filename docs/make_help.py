@@ -14,7 +14,8 @@ import click
 from click.testing import CliRunner
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPTS = ['train', 'generate', 'fid', 'dataset_tool', 'reconstruct_phema', 'toy_example']
+SCRIPTS = ['train', 'generate', 'fid', 'dataset_tool', 'reconstruct_phema', 'toy_example',
+           'example', 'generate_images', 'calculate_metrics', 'count_flops', 'train_edm2']
 
 
 def find_command(module) -> click.Command:

@@ -9,8 +9,11 @@ attention (elementwise ops and normalizations are not counted, as in the EDM2 pa
 Presets are built on the meta device, so even the largest is counted in seconds.
 """
 
+import collections
+
 import click
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import dnnlib
@@ -85,6 +88,64 @@ def count_flops(net: torch.nn.Module, batch: int = 1) -> tuple[int, int]:
     finally:
         net.train(was_training)
     return params, counter.get_total_flops()
+
+
+class _OpCalls(TorchDispatchMode):
+    """Counts the calls of every aten op below it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[f'aten::{func.overloadpacket.__name__}'] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def op_breakdown(net: torch.nn.Module, batch: int = 1) -> dnnlib.EasyDict:
+    """Per-op call counts and multiply-adds of one eval-mode forward, in the layout of EDM2 count_flops.py's result.
+
+    EDM2 counts one multiply-add as one flop (its paper's Gflops); `op_flops` follows that, so it is half of
+    `count_flops()`. Ops without multiply-adds (elementwise, normalisation) are pooled under 'Other'.
+    """
+    was_training = net.training
+    net.eval()
+    try:
+        with networks.attention_impl('reference'), FlopCounterMode(display=False) as counter, _OpCalls() as calls, torch.no_grad():
+            net(*example_inputs(net, batch))
+    finally:
+        net.train(was_training)
+    res = dnnlib.EasyDict(op_count=collections.Counter(), op_flops=collections.Counter())
+    macs = {f'aten::{op.__name__}': flops / 2 for op, flops in counter.get_flop_counts().get('Global', {}).items()}
+    for op, count in calls.calls.items():
+        label = op if macs.get(op, 0) > 0 else 'Other'
+        res.op_count[label] += count
+        res.op_flops[label] += macs.get(op, 0)
+    res.total_params = sum(p.numel() for p in net.parameters())
+    res.total_flops = sum(res.op_flops.values()) / batch
+    return res
+
+
+def format_edm2_report(res: dnnlib.EasyDict, mem_per_sample: float | None = None) -> str:
+    """The table EDM2 count_flops.py prints: parameters, Gflops/sample, GPU memory, then one line per op."""
+    mem = f'{mem_per_sample / 2**30:<8.2f}' if mem_per_sample is not None else f'{"n/a":<8s}'
+    lines = ['', f'{"Parameters":<12s}{res.total_params / 1e6:<8.2f}M', f'{"Compute":<12s}{res.total_flops / 1e9:<8.2f}Gflops/sample',
+             f'{"GPU memory":<12s}{mem}GB/sample', '', f'{"Op":<26s}{"Count":<7s}{"Gflops":s}']
+    for op, flops in sorted(res.op_flops.items(), key=lambda item: -item[1]):
+        lines.append(f'{op:<26s}{res.op_count[op]:<7d}{flops / 1e9:.2f}')
+    lines += [f'{"Total":<26s}{sum(res.op_count.values()):<7d}{sum(res.op_flops.values()) / 1e9:.2f}', '']
+    return '\n'.join(lines)
+
+
+def peak_memory_per_sample(net: torch.nn.Module, device: torch.device) -> float | None:
+    """Peak CUDA memory of one batch-1 forward pass beyond what was allocated before; None off CUDA."""
+    if device.type != 'cuda':
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.max_memory_allocated(device)
+    with networks.attention_impl('reference'), torch.no_grad():
+        net.eval()(*example_inputs(net))
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def load_network(source: str, trust: bool = False) -> torch.nn.Module:

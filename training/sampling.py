@@ -421,7 +421,9 @@ _FIXED = {ddpm_sampler: {'eta'}, dpmpp2m_sde_sampler: set()}
 
 
 def resolve_sampler(name: str, net) -> Callable:
-    """Sampler function for a name of SAMPLERS; 'edm' follows the codebase the net comes from."""
+    """Sampler function for a name of SAMPLERS ('edm' follows the codebase the net comes from); functions pass through."""
+    if callable(name):
+        return name
     if name not in SAMPLERS:
         raise ValueError(f'sampler={name!r}: expected one of {", ".join(SAMPLERS)}')
     if name == 'edm':
@@ -441,7 +443,9 @@ def sampler_options(fn: Callable) -> list[str]:
 def check_sampler_kwargs(fn: Callable, kwargs: dict, name: str = None) -> None:
     """Raise ValueError naming any option the sampler does not take."""
     valid = sampler_options(fn)
-    bad = [k for k in kwargs if k not in valid]
+    params = inspect.signature(fn).parameters.values()
+    takes_any = fn not in _WRAPPED and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)  # a user's **kwargs sampler
+    bad = [] if takes_any else [k for k in kwargs if k not in valid]
     if bad:
         raise ValueError(f'sampler {name or fn.__name__!r} does not take {", ".join(bad)}; '
                          f'its options are: {", ".join(valid)}')
@@ -496,29 +500,35 @@ def check_networks(net, gnet=None, class_idx: int | None = None) -> None:
 # Batched generation.
 
 class ImageBatches:
-    """Iterable over the batches this rank generates; yields EasyDict(seeds, images, labels, batch_idx, num_batches)."""
+    """Iterable over the batches this rank generates; yields EasyDict(seeds, images, labels, noise, batch_idx,
+    num_batches, indices), `indices` being the batch's positions in the full seed list (EDM2 generate_images.py)."""
 
-    def __init__(self, make_batch: Callable, rank_batches: list):
+    def __init__(self, make_batch: Callable, rank_batches: list, rank_indices: list | None = None):
         self.make_batch = make_batch
         self.rank_batches = rank_batches
+        self.rank_indices = rank_indices if rank_indices is not None else [None] * len(rank_batches)
 
     def __len__(self) -> int:
         return len(self.rank_batches)
 
     def __iter__(self) -> Iterator[dnnlib.EasyDict]:
-        for batch_idx, batch_seeds in enumerate(self.rank_batches):
-            result = dnnlib.EasyDict(seeds=list(batch_seeds), images=None, labels=None, batch_idx=batch_idx,
-                                     num_batches=len(self.rank_batches))
+        for batch_idx, (batch_seeds, indices) in enumerate(zip(self.rank_batches, self.rank_indices)):
+            result = dnnlib.EasyDict(seeds=list(batch_seeds), images=None, labels=None, noise=None, batch_idx=batch_idx,
+                                     num_batches=len(self.rank_batches), indices=indices)
             if len(batch_seeds) > 0:
-                result.images, result.labels = self.make_batch(result.seeds)
+                result.images, result.labels, result.noise = self.make_batch(result.seeds)
             yield result
+
+
+def split_indices(num_seeds: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
+    """This rank's batches of seed positions: world_size * k near-equal parts, dealt round-robin (EDM2 generate_images.py)."""
+    num_batches = max((num_seeds - 1) // (batch_size * world_size) + 1, 1) * world_size
+    return np.array_split(np.arange(num_seeds), num_batches)[rank::world_size]
 
 
 def split_seeds(seeds: Sequence[int], batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
     """This rank's batches: seeds cut into world_size * k near-equal parts, dealt round-robin (EDM2 generate_images.py)."""
-    num_batches = max((len(seeds) - 1) // (batch_size * world_size) + 1, 1) * world_size
-    parts = np.array_split(np.arange(len(seeds)), num_batches)[rank::world_size]
-    return [[seeds[i] for i in part] for part in parts]
+    return [[seeds[i] for i in part] for part in split_indices(len(seeds), batch_size, rank, world_size)]
 
 
 def generate_images(
@@ -529,7 +539,7 @@ def generate_images(
     encoder         = None,         # Decoder of latents (training.encoders); None = pixels in [-1, 1].
     class_idx       = None,         # Class of every image; None = drawn from each seed.
     batch_size      = 32,           # Maximum number of images per network call.
-    sampler         = 'edm',        # Name in SAMPLERS.
+    sampler         = 'edm',        # Name in SAMPLERS, or a sampler function with the same signature.
     device          = None,         # Device the nets already live on; None = where net's parameters are.
     rank            = 0,            # This process's rank among world_size.
     world_size      = 1,            # Number of processes splitting the seeds.
@@ -544,7 +554,7 @@ def generate_images(
         raise ValueError(f'batch_size={batch_size}: must be at least 1')
     check_networks(net, gnet, class_idx)
     sampler_fn = resolve_sampler(sampler, net)
-    check_sampler_kwargs(sampler_fn, sampler_kwargs, sampler)
+    check_sampler_kwargs(sampler_fn, sampler_kwargs, sampler if isinstance(sampler, str) else None)
     if sampler_kwargs.get('guidance', 1) != 1 and gnet is None:
         raise ValueError(f'guidance={sampler_kwargs["guidance"]} needs a guiding network (gnet, --gnet); give one or use guidance=1')
     if device is None:
@@ -571,9 +581,10 @@ def generate_images(
             with autocast():
                 x = sampler_fn(net, noise, labels, gnet=gnet, randn_like=rnd.randn_like, **sampler_kwargs)
             images = decode_images(x, encoder)
-        return images, (labels.cpu() if labels is not None else None)
+        return images, (labels.cpu() if labels is not None else None), noise
 
-    return ImageBatches(make_batch, split_seeds(seeds, batch_size, rank, world_size))
+    rank_indices = split_indices(len(seeds), batch_size, rank, world_size)
+    return ImageBatches(make_batch, [[seeds[i] for i in part] for part in rank_indices], rank_indices)
 
 def precision_context(precision: str, device: torch.device):
     """A context factory: bf16 autocast of the network calls, or nothing for the reference fp32."""
