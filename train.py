@@ -1,6 +1,7 @@
 """Train diffusion models with the EDM recipe ("Elucidating the Design Space of Diffusion-Based
-Generative Models") or the EDM2 recipe ("Analyzing and Improving the Training Dynamics of
-Diffusion Models"). Options left out keep the values of --preset (training/presets.py)."""
+Generative Models"), the EDM2 recipe ("Analyzing and Improving the Training Dynamics of
+Diffusion Models") or the DDPM recipe of tqch/ddpm-torch (Ho et al. 2020; ddpm-* presets).
+Options left out keep the values of --preset (training/presets.py)."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from training import launch, presets
+from training.ddpm import BETA_SCHEDULES, LOSS_TYPES, MODEL_MEAN_TYPES, MODEL_VAR_TYPES
 from training.training_loop import training_loop
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')
@@ -54,9 +56,28 @@ def _int_list(value):
         raise click.BadParameter(str(err)) from None
 
 
+def ddpm_overrides(o: dict) -> dict:
+    """Pop the ddpm-torch spellings (--timesteps, ..., --beta1/--beta2, --num-accum) as TrainConfig fields."""
+    ov = {field: o.pop(field) for field in ('timesteps', 'beta_schedule', 'beta_start', 'beta_end', 'model_mean_type',
+                                            'model_var_type', 'loss_type', 'ema_decay', 'grad_norm', 'epochs')}
+    ov.update(lr_warmup_steps=o.pop('warmup'), first_step=o.pop('first_step') or None)
+    beta1, beta2, num_accum = o.pop('beta1'), o.pop('beta2'), o.pop('num_accum')
+    preset = presets.PRESETS[o['preset']]
+    if beta1 is not None or beta2 is not None:
+        ov['adam_betas'] = (beta1 if beta1 is not None else preset.adam_betas[0],
+                            beta2 if beta2 is not None else preset.adam_betas[1])
+    if num_accum is not None:
+        batch = o['batch'] if o['batch'] is not None else preset.batch_size
+        if batch % num_accum != 0:
+            raise click.BadParameter(f'--batch={batch} is not divisible by --num-accum={num_accum}', param_hint='--num-accum')
+        ov['batch_gpu'] = batch // num_accum
+    return ov
+
+
 def overrides_from_options(opts: dict) -> dict:
-    """Map click options (EDM and EDM2 spellings) onto TrainConfig fields; None = keep preset."""
+    """Map click options (EDM, EDM2 and ddpm-torch spellings) onto TrainConfig fields; None = keep preset."""
     o = dict(opts)
+    ddpm = ddpm_overrides(o)
     ov = dict(data=o.pop('data'), cond=o.pop('cond'), arch=o.pop('arch'), precond=o.pop('precond'),
               stf=o.pop('stf'), rbatch=o.pop('rbatch'), batch_size=o.pop('batch'), batch_gpu=o.pop('batch_gpu'),
               total_nimg=o.pop('duration'), lr=o.pop('lr'), lr_decay_batches=o.pop('decay'),
@@ -79,7 +100,10 @@ def overrides_from_options(opts: dict) -> dict:
     if ema_stds is not None:
         ov['ema_stds'] = tuple(float(x) for x in ema_stds.split(','))
     assert set(o) <= {'preset'}, f'unmapped options {sorted(o)}'
-    return {k: v for k, v in ov.items() if v is not None}
+    if ddpm.get('batch_gpu') is not None and ov['batch_gpu'] is None:
+        ov['batch_gpu'] = ddpm['batch_gpu']
+    ddpm.pop('batch_gpu', None)
+    return {k: v for k, v in {**ov, **ddpm}.items() if v is not None}
 
 
 def run_description(cfg: presets.TrainConfig, world_size: int, desc: str) -> str:
@@ -121,7 +145,7 @@ def choose_run_dir(outdir: str, cfg: presets.TrainConfig, desc: str | None, nosu
 @click.option('--rbatch',        help='STF reference batch size', metavar='INT', type=click.IntRange(min=1))
 # Hyperparameters.
 @click.option('--duration',      help='Training duration (plain number = Mimg, or 2048Mi, 200M)', metavar='MIMG|NIMG', type=NimgType(1e6))
-@click.option('--batch',         help='Total batch size', metavar='NIMG', type=NimgType())
+@click.option('--batch', '--batch-size', 'batch', help='Total batch size', metavar='NIMG', type=NimgType())
 @click.option('--batch-gpu',     help='Limit batch size per GPU (gradient accumulation)', metavar='NIMG', type=NimgType())
 @click.option('--cbase', '--channels', 'cbase', help='Channel multiplier', metavar='INT', type=click.IntRange(min=1))
 @click.option('--cres',          help='Channels per resolution', metavar='LIST', type=str)
@@ -156,10 +180,26 @@ def choose_run_dir(outdir: str, cfg: presets.TrainConfig, desc: str | None, nosu
 @click.option('--seed',          help='Random seed', metavar='INT', type=click.IntRange(min=0))
 @click.option('--transfer',      help='Initialise from network pickle', metavar='PKL|URL', type=str)
 @click.option('--resume',        help='Resume from training-state-*.pt', metavar='PT', type=str)
-@click.option('-n', '--dry-run', help='Print the resolved config and exit', is_flag=True)
+@click.option('-n', '--dry-run', help='Print the resolved config and exit (EDM train.py)', is_flag=True)
+@click.option('--first-step',    help='Train until the first optimizer step is done, then stop without saving (ddpm-torch --dry-run)', is_flag=True, default=None)
+# DDPM recipe (ddpm-* presets; names of tqch/ddpm-torch train.py).
+@click.option('--timesteps',     help='DDPM: diffusion steps T', metavar='INT', type=click.IntRange(min=1))
+@click.option('--beta-schedule', help='DDPM: beta schedule', type=click.Choice(list(BETA_SCHEDULES)))
+@click.option('--beta-start',    help='DDPM: first beta', metavar='FLOAT', type=click.FloatRange(min=0, max=1, min_open=True))
+@click.option('--beta-end',      help='DDPM: last beta', metavar='FLOAT', type=click.FloatRange(min=0, max=1, min_open=True))
+@click.option('--model-mean-type', help='DDPM: what the network predicts', type=click.Choice(list(MODEL_MEAN_TYPES)))
+@click.option('--model-var-type', help='DDPM: model variance (learned = Nichol & Dhariwal hybrid)', type=click.Choice(list(MODEL_VAR_TYPES)))
+@click.option('--loss-type',     help='DDPM: loss', type=click.Choice(list(LOSS_TYPES)))
+@click.option('--ema-decay',     help='DDPM: EMA decay', metavar='FLOAT', type=click.FloatRange(min=0, max=1, max_open=True))
+@click.option('--grad-norm',     help='DDPM: clip the gradient norm (0 = off)', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--warmup',        help='DDPM: learning-rate warm-up', metavar='STEPS', type=click.IntRange(min=0))
+@click.option('--epochs',        help='DDPM: training duration in epochs', metavar='INT', type=click.IntRange(min=1))
+@click.option('--num-accum',     help='Gradient accumulation rounds (= --batch-gpu of batch / N)', metavar='INT', type=click.IntRange(min=1))
+@click.option('--beta1',         help='Adam beta1', metavar='FLOAT', type=click.FloatRange(min=0, max=1, max_open=True))
+@click.option('--beta2',         help='Adam beta2', metavar='FLOAT', type=click.FloatRange(min=0, max=1, max_open=True))
 @dnnlib.util.cli_errors
 def main(outdir, desc, nosubdir, dry_run, **opts):
-    """Train a diffusion model (EDM or EDM2 recipe).
+    """Train a diffusion model (EDM, EDM2 or DDPM recipe).
 
     Examples:
 
@@ -172,6 +212,11 @@ def main(outdir, desc, nosubdir, dry_run, **opts):
     # EDM2: XS model on ImageNet-512 latents; rerun the same command to resume
     torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs/xs \\
         --data=datasets/img512-sd.zip --preset=edm2-img512-xs --batch-gpu=32
+
+    \b
+    # DDPM (Ho et al.) on CIFAR-10, ddpm-torch options; --first-step = its --dry-run
+    torchrun --standalone --nproc_per_node=4 train.py --preset=ddpm-cifar10-32x32 \\
+        --data=datasets/cifar10-32x32.zip --outdir=training-runs/ddpm --beta-schedule=linear
 
     \b
     # Seconds on a CPU

@@ -13,9 +13,9 @@ import dataclasses
 from dataclasses import dataclass, replace
 from typing import Optional
 
-ARCHS = ('ddpmpp', 'ncsnpp', 'adm', 'edm2')
-PRECONDS = ('vp', 've', 'edm', 'edm2')
-RECIPES = ('edm', 'edm2')
+ARCHS = ('ddpmpp', 'ncsnpp', 'adm', 'edm2', 'ddpm')
+PRECONDS = ('vp', 've', 'edm', 'edm2', 'ddpm')
+RECIPES = ('edm', 'edm2', 'ddpm')
 
 # Architecture defaults of EDM train.py / EDM2 networks_edm2.UNet.
 ARCH_DEFAULTS = {
@@ -23,6 +23,7 @@ ARCH_DEFAULTS = {
     'ncsnpp': dict(model_channels=128, channel_mult=(2, 2, 2)),
     'adm':    dict(model_channels=192, channel_mult=(1, 2, 3, 4)),
     'edm2':   dict(model_channels=192, channel_mult=(1, 2, 3, 4)),
+    'ddpm':   dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_blocks=2),
 }
 
 
@@ -31,7 +32,7 @@ class TrainConfig:
     """Every option of a training run; units are in the names (nimg = images, Mimg = 1e6 images)."""
 
     # Recipe, data and model.
-    recipe:             str                     = 'edm'     # 'edm' (EDM paper) or 'edm2' (EDM2 paper).
+    recipe:             str                     = 'edm'     # 'edm' (EDM paper), 'edm2' (EDM2 paper) or 'ddpm' (Ho et al.).
     data:               Optional[str]           = None      # Dataset folder or zip; None = must be given.
     cond:               bool                    = False     # Class-conditional (needs labels in dataset.json).
     resolution:         Optional[int]           = None      # Required dataset resolution; None = any.
@@ -80,6 +81,19 @@ class TrainConfig:
     transfer:           Optional[str]           = None      # Initialise weights from a network pickle.
     resume:             Optional[str]           = None      # Resume from this training-state-*.pt; None = newest in run dir.
     preset:             str                     = ''        # Name of the preset this config came from.
+    first_step:         bool                    = False     # Stop once the first optimizer step is done; save nothing.
+    # DDPM recipe (tqch/ddpm-torch, training/presets_ddpm.py); None for the other recipes.
+    timesteps:          Optional[int]           = None      # Diffusion steps T.
+    beta_schedule:      Optional[str]           = None      # quad | linear | warmup10 | warmup50 | jsd.
+    beta_start:         Optional[float]         = None      # First beta.
+    beta_end:           Optional[float]         = None      # Last beta.
+    model_mean_type:    Optional[str]           = None      # Network output: mean | x_0 | eps.
+    model_var_type:     Optional[str]           = None      # learned | fixed-small | fixed-large.
+    loss_type:          Optional[str]           = None      # mse (hybrid with learned) | kl.
+    ema_decay:          Optional[float]         = None      # EMA decay (warmed up as (1 + n) / (10 + n)).
+    grad_norm:          Optional[float]         = None      # Clip the global gradient norm; 0 = no clipping.
+    lr_warmup_steps:    Optional[int]           = None      # Linear learning-rate warm-up in optimizer steps.
+    epochs:             Optional[float]         = None      # Duration in epochs of the dataset; None = total_nimg.
 
 
 def _edm(**kwargs) -> TrainConfig:
@@ -157,6 +171,10 @@ PRESETS: dict[str, TrainConfig] = {
 
 DEFAULT_PRESET = 'edm-cifar10-32x32-uncond-vp'
 
+from training.presets_ddpm import DDPM_PRESETS, resolve_ddpm, validate_ddpm  # noqa: E402  (needs TrainConfig)
+
+PRESETS.update(DDPM_PRESETS)
+
 #----------------------------------------------------------------------------
 
 
@@ -173,7 +191,7 @@ def build_config(preset: str = DEFAULT_PRESET, **overrides) -> TrainConfig:
         if key in overrides:
             overrides[key] = tuple(overrides[key])
     cfg = replace(PRESETS[preset], preset=preset, **overrides)
-    cfg = _resolve(cfg, overrides)
+    cfg = resolve_ddpm(_resolve(cfg, overrides), overrides)
     _validate(cfg)
     return cfg
 
@@ -214,6 +232,7 @@ def _validate(cfg: TrainConfig) -> None:
                          f'edm2 architecture and edm2 preconditioning go together')
     if cfg.recipe == 'edm2' and cfg.augment > 0:
         raise ValueError(f'--augment={cfg.augment} is not supported by the EDM2 recipe; use --augment=0')
+    validate_ddpm(cfg)
     if cfg.fp16 and cfg.bf16:
         raise ValueError('--fp16 and --bf16 are mutually exclusive; pick one')
     for name in ('total_nimg', 'batch_size', 'model_channels'):

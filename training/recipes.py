@@ -38,6 +38,29 @@ class Recipe:
     def __init__(self, cfg):
         self.cfg = cfg
 
+    def network_kwargs(self, interface: dict) -> dnnlib.EasyDict:
+        """Network constructor kwargs as training_options.json records them, for the dataset interface."""
+        from training.training_loop import network_kwargs
+        return network_kwargs(self.cfg)
+
+    def network_interface(self, interface: dict) -> dict:
+        """Constructor kwargs the options do not record (EDM/EDM2: img_resolution, img_channels, label_dim)."""
+        return interface
+
+    def loss_kwargs(self) -> dnnlib.EasyDict:
+        """Constructor kwargs of the loss."""
+        from training.training_loop import loss_kwargs
+        return loss_kwargs(self.cfg)
+
+    def options_kwargs(self) -> dict:
+        """The loss entry of training_options.json."""
+        return self.loss_kwargs()
+
+    def summary_inputs(self, batch: int, image_shape, label_dim: int, device) -> list:
+        """Example inputs for the module summary: (images, noise levels, labels)."""
+        return [torch.zeros([batch, *image_shape], device=device), torch.ones([batch], device=device),
+                torch.zeros([batch, label_dim], device=device)]
+
     def make_encoder(self, dataset):
         """(encoder, encoder_kwargs) mapping dataset pixels to model space; (None, None) = [-1, 1] pixels."""
         return None, None
@@ -153,11 +176,13 @@ class EDM2Recipe(Recipe):
         return paths
 
 
-RECIPE_CLASSES: dict[str, type] = {'edm': EDMRecipe, 'edm2': EDM2Recipe}
+# A recipe in its own module is named by 'module.Class' (imported when used).
+RECIPE_CLASSES: dict[str, type | str] = {'edm': EDMRecipe, 'edm2': EDM2Recipe, 'ddpm': 'training.recipe_ddpm.DDPMRecipe'}
 
 
 def make_recipe(cfg) -> Recipe:
     """The recipe object of cfg.recipe; ValueError lists the valid names."""
     if cfg.recipe not in RECIPE_CLASSES:
         raise ValueError(f'recipe={cfg.recipe!r} must be one of {", ".join(RECIPE_CLASSES)}')
-    return RECIPE_CLASSES[cfg.recipe](cfg)
+    cls = RECIPE_CLASSES[cfg.recipe]
+    return (dnnlib.util.get_obj_by_name(cls) if isinstance(cls, str) else cls)(cfg)

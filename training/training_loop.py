@@ -20,6 +20,8 @@ import numpy as np
 import psutil
 import torch
 
+import dataclasses
+
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
@@ -140,6 +142,16 @@ def open_dataset(cfg: TrainConfig):
     return dataset, kwargs
 
 
+def resolve_epochs(cfg: TrainConfig, dataset) -> TrainConfig:
+    """--epochs -> total_nimg: full batches per pass over the un-flipped images (ddpm-torch drops the last one)."""
+    if cfg.epochs is None:
+        return cfg
+    images = len(dataset) // (2 if cfg.xflip else 1)
+    if images < cfg.batch_size:
+        raise ValueError(f'--data={cfg.data} holds {images} images, fewer than one batch (--batch={cfg.batch_size})')
+    return dataclasses.replace(cfg, total_nimg=int(round(cfg.epochs * (images // cfg.batch_size))) * cfg.batch_size)
+
+
 def _init_runtime(cfg: TrainConfig, device: torch.device) -> None:
     """Seeds, TF32 policy (off, as in the references) and determinism."""
     torch.manual_seed(step_seed(cfg.seed, dist.get_rank(), 0))
@@ -177,12 +189,13 @@ def _write_json(path: str, data) -> None:
 def setup(cfg: TrainConfig, run_dir: str, device: torch.device) -> dnnlib.EasyDict:
     """Everything the loop needs, in an EasyDict: data, networks, optimizer, EMA, restored state."""
     ctx = dnnlib.EasyDict(cfg=cfg, run_dir=run_dir, device=device, rank=dist.get_rank(), world=dist.get_world_size())
-    ctx.recipe = make_recipe(cfg)
     ctx.batch_gpu, ctx.rounds = check_batch(cfg, ctx.world)
     if cfg.stf and cfg.rbatch // ctx.world < cfg.batch_size // ctx.world:
         raise ValueError(f'--rbatch={cfg.rbatch} must be at least --batch={cfg.batch_size}')
     _init_runtime(cfg, device)
     ctx.dataset, ctx.dataset_kwargs = open_dataset(cfg)
+    ctx.cfg = cfg = resolve_epochs(cfg, ctx.dataset)
+    ctx.recipe = make_recipe(cfg)
     ctx.encoder, ctx.encoder_kwargs = ctx.recipe.make_encoder(ctx.dataset)
     if ctx.rank == 0:
         os.makedirs(run_dir, exist_ok=True)
@@ -192,8 +205,8 @@ def setup(cfg: TrainConfig, run_dir: str, device: torch.device) -> dnnlib.EasyDi
     ctx.update(cur_nimg=0, total_elapsed_time=0.0, bad_loss=torch.zeros([], dtype=torch.bool, device=device))
     ctx.state_path = _restore(ctx)
     ctx.options = dnnlib.EasyDict(
-        dataset_kwargs=ctx.dataset_kwargs, encoder_kwargs=ctx.encoder_kwargs, network_kwargs=network_kwargs(cfg),
-        loss_kwargs=loss_kwargs(cfg), optimizer_kwargs=optimizer_kwargs(cfg), augment_kwargs=augment_kwargs(cfg),
+        dataset_kwargs=ctx.dataset_kwargs, encoder_kwargs=ctx.encoder_kwargs, network_kwargs=ctx.network_kwargs,
+        loss_kwargs=ctx.recipe.options_kwargs(), optimizer_kwargs=optimizer_kwargs(cfg), augment_kwargs=augment_kwargs(cfg),
         seed=cfg.seed, batch_size=cfg.batch_size, batch_gpu=cfg.batch_gpu, total_nimg=cfg.total_nimg)
     if ctx.rank == 0:
         _write_json(os.path.join(run_dir, 'training_options.json'), ctx.options)
@@ -210,21 +223,21 @@ def _build_modules(ctx) -> None:
     if ctx.encoder is not None:
         image = ctx.encoder.encode_latents(image)
     interface = dict(img_resolution=image.shape[-1], img_channels=image.shape[1], label_dim=ctx.dataset.label_dim)
-    net = dnnlib.util.construct_class_by_name(**network_kwargs(cfg), **interface)
+    ctx.network_kwargs = ctx.recipe.network_kwargs(interface)
+    net = dnnlib.util.construct_class_by_name(**ctx.network_kwargs, **ctx.recipe.network_interface(interface))
     net.train().requires_grad_(True).to(device)
     if cfg.channels_last:  # data stays NCHW, so randn_like draws the same noise as the reference
         net.to(memory_format=torch.channels_last)
     if ctx.rank == 0:
         with torch.no_grad():
-            misc.print_module_summary(net, [torch.zeros([ctx.batch_gpu, *image.shape[1:]], device=device),
-                                            torch.ones([ctx.batch_gpu], device=device),
-                                            torch.zeros([ctx.batch_gpu, net.label_dim], device=device)], max_nesting=2)
+            inputs = ctx.recipe.summary_inputs(ctx.batch_gpu, image.shape[1:], ctx.dataset.label_dim, device)
+            misc.print_module_summary(net, inputs, max_nesting=2)
     ctx.net = net
     train_net = torch.compile(net) if cfg.compile else net
     ctx.ddp = train_net
     if ctx.world > 1:
         ctx.ddp = torch.nn.parallel.DistributedDataParallel(train_net, device_ids=[device] if device.type == 'cuda' else None)
-    ctx.loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs(cfg))
+    ctx.loss_fn = dnnlib.util.construct_class_by_name(**ctx.recipe.loss_kwargs())
     aug = augment_kwargs(cfg)
     ctx.augment_pipe = dnnlib.util.construct_class_by_name(**aug) if aug is not None else None
     opt_kwargs = optimizer_kwargs(cfg)
@@ -470,6 +483,7 @@ def training_loop(cfg: TrainConfig, run_dir: str, device: torch.device | None = 
     device = device if device is not None else dist.device_for_rank(misc.choose_device(cfg.device))
     try:
         ctx = setup(cfg, run_dir, device)
+        cfg = ctx.cfg  # --epochs resolved against the dataset
         ctx.update(stopped=False, cur_tick=0, prev_status_time=time.time(), prev_status_nimg=ctx.cur_nimg, train_time=0.0)
         if ctx.cur_nimg >= cfg.total_nimg:
             logger.info(f'Already trained for {ctx.cur_nimg / 1e3:.1f} kimg (--duration reached); nothing to do.')
@@ -482,6 +496,10 @@ def training_loop(cfg: TrainConfig, run_dir: str, device: torch.device | None = 
                 start, prev_nimg = time.time(), ctx.cur_nimg
                 train_step(ctx)
                 ctx.train_time += time.time() - start
+                if cfg.first_step:
+                    logger.info(f'First optimizer step done (--first-step, loss finite: {not bool(ctx.bad_loss)}); '
+                                f'stopping without saving.')
+                    break
                 done = maintenance(ctx, prev_nimg)
             logger.info('Stopped; rerun the same command to continue.' if ctx.stopped else 'Done.')
         return dnnlib.EasyDict(cur_nimg=ctx.cur_nimg, stopped=ctx.stopped, state_path=ctx.state_path, run_dir=run_dir,
