@@ -1,5 +1,6 @@
-"""Generate images with a trained diffusion model: the union of NVlabs/edm generate.py and
-NVlabs/edm2 generate_images.py (presets, guidance / autoguidance, ablation and classic samplers)."""
+"""Generate images with a trained diffusion model: the union of NVlabs/edm generate.py,
+NVlabs/edm2 generate_images.py (presets, guidance / autoguidance, ablation and classic samplers)
+and tqch/ddpm-torch generate.py (DDPM .pt checkpoints: ancestral or DDIM sampling)."""
 
 import dataclasses
 import json
@@ -46,6 +47,11 @@ def parse_seeds(ctx, param, value):
 @click.option('--schedule',                 help='Ablate noise schedule sigma(t)', type=click.Choice(['vp', 've', 'linear']))
 @click.option('--scaling',                  help='Ablate signal scaling s(t)', type=click.Choice(['vp', 'none']))
 @click.option('--eta',                      help='DDIM / DPM-Solver++ stochasticity', metavar='FLOAT',           type=click.FloatRange(min=0))
+@click.option('--use-ddim', 'use_ddim',     help='DDPM .pt: DDIM sampling (= --sampler=ddim)',                    is_flag=True, default=None)
+@click.option('--skip-schedule',            help='DDPM .pt, DDIM: timestep subsequence  [default: linear]',       type=click.Choice(['linear', 'quadratic']))
+@click.option('--subseq-size',              help='DDPM .pt, DDIM: number of timesteps  [default: 50]', metavar='INT', type=int)
+@click.option('--use-ema', 'use_ema',       help='DDPM .pt: EMA weights (ema.shadow) instead of model',          is_flag=True, default=None)
+@click.option('--dataset',                  help='DDPM .pt without config: reference config of the published checkpoint', type=click.Choice(['cifar10', 'celeba', 'celebahq']))
 @click.option('--device',                   help='auto | cuda | cuda:N | cpu | mps  [default: auto]',            type=str)
 @click.option('--precision',                help='Network precision (bf16 = autocast)  [default: fp32]',         type=click.Choice(['fp32', 'bf16']))
 @click.option('--channels-last', 'channels_last', help='Channels-last weights and inputs', is_flag=True, default=None)
@@ -53,7 +59,7 @@ def parse_seeds(ctx, param, value):
 @click.option('--trust-pickle', 'trust_pickle', help='Load pickles that run their embedded code',              is_flag=True, default=None)
 @click.option('--dry-run', 'dry_run',       help='Print the resolved config and exit',                          is_flag=True)
 @dnnlib.util.cli_errors
-def main(preset, dry_run, **opts):
+def main(preset, dry_run, use_ddim, **opts):
     """Generate random images using the given model.
 
     Examples:
@@ -68,10 +74,20 @@ def main(preset, dry_run, **opts):
     python generate.py --preset=edm2-img512-s-autog-fid --seeds=0-15 --grid=grid.png
 
     \b
+    # DDPM checkpoint of tqch/ddpm-torch: DDIM, 100 quadratic steps, EMA weights
+    python generate.py --net=chkpts/ddpm_cifar10.pt --dataset=cifar10 --use-ema --use-ddim \\
+        --skip-schedule=quadratic --subseq-size=100 --outdir=out --seeds=0-63
+
+    \b
     # 50000 images on 8 GPUs, for FID
     torchrun --standalone --nproc_per_node=8 generate.py --preset=edm2-img64-s-fid \\
         --outdir=out --subdirs --seeds=0-49999
     """
+    if use_ddim:
+        if opts['sampler'] not in (None, 'ddim'):
+            raise click.BadParameter(f'--use-ddim means --sampler=ddim, but --sampler={opts["sampler"]} was given',
+                                     param_hint='--use-ddim')
+        opts['sampler'] = 'ddim'
     cfg = presets_generate.build_config(preset, **opts)
     if dry_run:
         fields = dataclasses.asdict(cfg)

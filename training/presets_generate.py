@@ -24,7 +24,7 @@ SAMPLER_FLAGS = {
     'num_steps': '--steps', 'sigma_min': '--sigma_min', 'sigma_max': '--sigma_max', 'rho': '--rho',
     'guidance': '--guidance', 'S_churn': '--S_churn', 'S_min': '--S_min', 'S_max': '--S_max',
     'S_noise': '--S_noise', 'solver': '--solver', 'discretization': '--disc', 'schedule': '--schedule',
-    'scaling': '--scaling', 'eta': '--eta',
+    'scaling': '--scaling', 'eta': '--eta', 'skip_schedule': '--skip-schedule', 'subseq_size': '--subseq-size',
 }
 ABLATION_OPTIONS = ('solver', 'discretization', 'schedule', 'scaling')
 
@@ -66,6 +66,11 @@ class GenerateConfig:
     schedule:       Optional[str]   = None      # Ablation: vp | ve | linear.
     scaling:        Optional[str]   = None      # Ablation: vp | none.
     eta:            Optional[float] = None      # DDIM / DPM++ stochasticity.
+    skip_schedule:  Optional[str]   = None      # DDPM networks, DDIM: timestep subsequence linear | quadratic.
+    subseq_size:    Optional[int]   = None      # DDPM networks, DDIM: number of timesteps.
+    # DDPM networks (.pt checkpoints of tqch/ddpm-torch or of our DDPM recipe).
+    use_ema:        bool            = False     # Load the EMA weights (ema.shadow) instead of 'model'.
+    dataset:        Optional[str]   = None      # Reference config of a published checkpoint: cifar10 | celeba | celebahq.
 
     def sampler_kwargs(self) -> dict:
         """The sampler options that are set, keyed by the sampler's argument names."""
@@ -148,11 +153,32 @@ def _check_sampler_options(cfg: GenerateConfig) -> None:
         raise ValueError(f'--sampler={cfg.sampler} is not a sampler; choose one of {", ".join(sampling.SAMPLERS)}')
     # 'edm' resolves per network, but both of its flavours take the same options.
     fn = sampling.resolve_sampler(cfg.sampler, net=None) if cfg.sampler != 'edm' else sampling.edm2_sampler
+    if sampling.is_ddpm_checkpoint(cfg.net):
+        from training.sampling_ddpm import discrete_sampler
+        fn = discrete_sampler(cfg.sampler)
     valid = sampling.sampler_options(fn)
     for name, value in cfg.sampler_kwargs().items():
         if name not in valid:
             takes = ', '.join(_flag(n) for n in valid if n in SAMPLER_FLAGS)
-            raise ValueError(f'{_flag(name)}={value} does not apply to --sampler={cfg.sampler}; it takes {takes}')
+            raise ValueError(f'{_flag(name)}={value} does not apply to --sampler={cfg.sampler}; it takes {takes or "no options"}')
+
+
+def _is_ddpm(cfg: GenerateConfig) -> bool:
+    from training import sampling
+    return sampling.is_ddpm_checkpoint(cfg.net)
+
+
+def _check_ddpm_options(cfg: GenerateConfig) -> None:
+    """--use-ema / --dataset only for DDPM checkpoints; no guidance or classes for them."""
+    if not _is_ddpm(cfg):
+        if cfg.use_ema or cfg.dataset is not None:
+            flag = '--use-ema' if cfg.use_ema else f'--dataset={cfg.dataset}'
+            raise ValueError(f'{flag} applies to DDPM checkpoints (.pt) only; --net={cfg.net} is a network pickle')
+        return
+    if cfg.gnet is not None or cfg.class_idx is not None:
+        raise ValueError('DDPM networks are unconditional and take no guidance: leave out --gnet/--guidance/--class')
+    if cfg.subseq_size is not None and cfg.subseq_size < 1:
+        raise ValueError(f'--subseq-size={cfg.subseq_size} must be at least 1')
 
 
 def build_config(preset: str | None = None, **overrides) -> GenerateConfig:
@@ -179,8 +205,9 @@ def build_config(preset: str | None = None, **overrides) -> GenerateConfig:
         raise ValueError(f'--batch={cfg.batch_size} must be at least 1')
     if cfg.class_idx is not None and cfg.class_idx < 0:
         raise ValueError(f'--class={cfg.class_idx} must be a class index >= 0')
+    _check_ddpm_options(cfg)
     if cfg.sampler is None:
         ablated = any(getattr(cfg, name) is not None for name in ABLATION_OPTIONS)
-        cfg = replace(cfg, sampler='ablation' if ablated else 'edm')
+        cfg = replace(cfg, sampler='ddpm' if _is_ddpm(cfg) else 'ablation' if ablated else 'edm')
     _check_sampler_options(cfg)
     return cfg

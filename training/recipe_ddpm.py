@@ -159,6 +159,7 @@ class DDPMRecipe(EDMRecipe):
                     scheduler=dict(base_lrs=[self.cfg.lr], last_epoch=steps, _step_count=steps + 1, _last_lr=[lr]),
                     ema=ctx.ema.state_dict(), epoch=ctx.cur_nimg // images_per_epoch,
                     config=dict(unet=self.unet_kwargs(ctx.dataset.resolution, ctx.net.in_channels),
+                                resolution=ctx.dataset.resolution,
                                 diffusion=self.options_kwargs(), cur_nimg=ctx.cur_nimg))
         del data['config']['diffusion']['class_name']
         path = os.path.join(ctx.run_dir, f'network-snapshot-{self.kimg_name(ctx.cur_nimg)}.pt')

@@ -426,6 +426,9 @@ def resolve_sampler(name: str, net) -> Callable:
         return name
     if name not in SAMPLERS:
         raise ValueError(f'sampler={name!r}: expected one of {", ".join(SAMPLERS)}')
+    if getattr(net, 'discrete_time', False):  # A DDPM network: --sampler=ddpm|ddim are its discrete samplers.
+        from training.sampling_ddpm import discrete_sampler
+        return discrete_sampler(name)
     if name == 'edm':
         return edm_sampler if hasattr(net, 'round_sigma') else edm2_sampler
     return SAMPLERS[name]
@@ -465,6 +468,11 @@ def load_network(source, trust: bool = False, device: torch.device | None = None
         raise ValueError(f'{source}: expected a network snapshot pickle holding an "ema" network')
     net = net.eval().requires_grad_(False)
     return (net.to(device) if device is not None else net), encoder
+
+
+def is_ddpm_checkpoint(source: str) -> bool:
+    """A DDPM checkpoint (ddpm-torch layout, torch.save'd .pt) rather than a network snapshot pickle."""
+    return str(source).endswith('.pt')
 
 
 def decode_images(x: torch.Tensor, encoder=None) -> torch.Tensor:
@@ -692,6 +700,11 @@ def _gather_to_rank0(images: dict, world_size: int) -> dict:
 def _load_networks(cfg, device):
     from torch_utils import distributed as dist
     dist.print0(f'Loading network from {cfg.net} ...')
+    if is_ddpm_checkpoint(cfg.net):
+        from training import sampling_ddpm
+        net = sampling_ddpm.load_ddpm_network(cfg.net, dataset=cfg.dataset, use_ema=cfg.use_ema, device=device)
+        sampling_ddpm.check_options(net, cfg.sampler, cfg.sampler_kwargs())
+        return net, None, sampling_ddpm.DDPMPixels()
     net, encoder = load_network(cfg.net, trust=cfg.trust_pickle, device=device)
     gnet = None
     if cfg.gnet is not None:
