@@ -3,6 +3,7 @@
 Thin command line over training/toy.py: `train` a toy model, `plot` the sample
 distributions with and without guidance (the paper's Fig. 2), and `measure` how many
 samples land outside the ground-truth support with no guidance, CFG and autoguidance.
+`ddpm` trains a DDPM on the 2-D toy data of tqch/ddpm-torch (training/toy_ddpm.py).
 """
 
 import os
@@ -66,6 +67,10 @@ def cmdline():
     \b
     # Outside-support fraction and NLL: no guidance vs CFG vs autoguidance.
     python toy_example.py measure
+
+    \b
+    # DDPM on 2-D toy data (tqch/ddpm-torch train_toy.py) with a scatter plot.
+    python toy_example.py ddpm --dataset=swissroll --epochs=100 --save=swissroll.png
     """
     if os.environ.get('WORLD_SIZE', '1') != '1':
         raise click.ClickException('Distributed execution is not supported.')
@@ -156,6 +161,55 @@ def measure(net, gnet, ucond, guidance, cfg_guidance, samples, seed, device, tru
     click.echo(f'{"method":<26} {"w":>5} {"outside %":>10} {"NLL mean":>10} {"NLL median":>11}')
     for row in rows:
         click.echo(f'{row.method:<26} {row.guidance:>5g} {100 * row.outside:>10.2f} {row.nll_mean:>10.3f} {row.nll_median:>11.3f}')
+
+#----------------------------------------------------------------------------
+
+def _toy_stream(dataset, size, batch_size, seed, resample):
+    """train_toy.py's DataStreamer: size points served in batches (training/toy_data.py)."""
+    from training.toy_data import ToyDataStream
+    if size % batch_size != 0:
+        raise click.BadParameter(f'--size={size} is not a multiple of --batch-size={batch_size}', param_hint='--size')
+    return ToyDataStream(dataset, batch_size=batch_size, num_batches=size // batch_size, seed=seed, resample=resample)
+
+@cmdline.command()
+@click.option('--dataset',         help='2-D toy dataset', type=click.Choice(['gaussian8', 'gaussian25', 'swissroll']), default='gaussian8', show_default=True)
+@click.option('--size',            help='Points per epoch', metavar='INT', type=click.IntRange(min=1), default=100_000, show_default=True)
+@click.option('--batch-size',      help='Batch size', metavar='INT', type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option('--resample',        help='Fresh points every epoch', is_flag=True)
+@click.option('--epochs',          help='Training epochs', metavar='INT', type=click.IntRange(min=1), default=100, show_default=True)
+@click.option('--lr',              help='Adam learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option('--timesteps',       help='Diffusion steps T', metavar='INT', type=click.IntRange(min=1), default=100, show_default=True)
+@click.option('--beta-schedule',   help='Beta schedule', type=click.Choice(['quad', 'linear', 'warmup10', 'warmup50', 'jsd']), default='linear', show_default=True)
+@click.option('--beta-start',      help='First beta', metavar='FLOAT', type=click.FloatRange(min=0, max=1, min_open=True), default=1e-3, show_default=True)
+@click.option('--beta-end',        help='Last beta', metavar='FLOAT', type=click.FloatRange(min=0, max=1, min_open=True), default=0.2, show_default=True)
+@click.option('--model-mean-type', help='Network output', type=click.Choice(['mean', 'x_0', 'eps']), default='eps', show_default=True)
+@click.option('--model-var-type',  help='Model variance', type=click.Choice(['learned', 'fixed-small', 'fixed-large']), default='fixed-large', show_default=True)
+@click.option('--loss-type',       help='Loss', type=click.Choice(['kl', 'mse']), default='mse', show_default=True)
+@click.option('--mid-features',    help='Decoder width', metavar='INT', type=click.IntRange(min=2), default=128, show_default=True)
+@click.option('--num-temporal-layers', help='Decoder layer repeats', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True)
+@click.option('--samples',         help='Samples for the plot and the histogram KL', metavar='INT', type=click.IntRange(min=1), default=10_000, show_default=True)
+@click.option('--seed',            help='Random seed (data, model, samples)', metavar='INT', type=click.IntRange(min=0), default=1234, show_default=True)
+@click.option('--save',            help='Save the data/sample scatter plot here', metavar='PNG|PDF', type=str, default=None)
+@_device_option
+@dnnlib.util.cli_errors
+def ddpm(dataset, size, batch_size, resample, epochs, lr, timesteps, beta_schedule, beta_start, beta_end, model_mean_type,
+         model_var_type, loss_type, mid_features, num_temporal_layers, samples, seed, save, device):
+    """Train a DDPM on 2-D toy data and plot its samples (tqch/ddpm-torch train_toy.py)."""
+    from training import toy_ddpm
+    device = _device(device)
+    diffusion = toy_ddpm.toy_diffusion(timesteps, beta_schedule, beta_start, beta_end, model_mean_type, model_var_type,
+                                       loss_type)
+    stream = _toy_stream(dataset, size, batch_size, seed, resample)
+    click.echo(f'Training a DDPM on {dataset} ({size} points, {epochs} epochs) on {device}...')
+    res = toy_ddpm.train_toy_ddpm(stream, diffusion, epochs=epochs, lr=lr, mid_features=mid_features,
+                                  num_layers=num_temporal_layers, seed=seed, device=device, log=click.echo)
+    points = toy_ddpm.sample_toy_ddpm(res.model, diffusion, samples, seed=seed, device=device).cpu().numpy()
+    data = next(iter(_toy_stream(dataset, samples, samples, seed + 1, False))).numpy()
+    click.echo(f'Histogram KL(data || samples): {toy_ddpm.histogram_kl(points, data):.4f}')
+    if save is not None:
+        toy_ddpm.plot_toy_ddpm(data, points, save, title=f'{dataset}, T={timesteps}, {model_mean_type}/{model_var_type}/{loss_type}')
+        click.echo(f'Saved to {save}')
+    click.echo('Done.')
 
 #----------------------------------------------------------------------------
 
