@@ -65,8 +65,9 @@ def validate_ddpm(cfg: TrainConfig) -> None:
     if (cfg.arch, cfg.precond) != ('ddpm', 'ddpm'):
         raise ValueError(f'--arch={cfg.arch} --precond={cfg.precond}: the DDPM recipe trains its own UNet; leave them out')
     edm_only = dict(stf=cfg.stf, cond=cfg.cond, fp16=cfg.fp16, P_mean=cfg.P_mean is not None, P_std=cfg.P_std is not None,
-                    augment=cfg.augment > 0)
-    flags = {'stf': '--stf', 'cond': '--cond', 'fp16': '--fp16', 'P_mean': '--P_mean', 'P_std': '--P_std', 'augment': '--augment'}
+                    augment=cfg.augment > 0, transfer=cfg.transfer is not None)
+    flags = {'stf': '--stf', 'cond': '--cond', 'fp16': '--fp16', 'P_mean': '--P_mean', 'P_std': '--P_std', 'augment': '--augment',
+             'transfer': '--transfer'}
     given = [flags[k] for k, v in edm_only.items() if v]
     if given:
         raise ValueError(f'{", ".join(given)}: EDM/EDM2 option(s) not used by the DDPM recipe (--preset={cfg.preset}); '
