@@ -1,9 +1,6 @@
 """DDPM on 2-D toy data (training/toy_ddpm.py, toy_example.py ddpm): the reference Decoder layout, training
 learns a two-mode distribution, and the command line trains, samples and plots."""
 
-import sys
-import types
-
 import numpy as np
 import pytest
 import torch
@@ -53,22 +50,7 @@ def test_histogram_kl_is_zero_for_equal_sets_and_large_for_disjoint_ones():
     assert toy_ddpm.histogram_kl(a + 2.0, a) > 5
 
 
-@pytest.fixture
-def toy_data_module(monkeypatch):
-    """training/toy_data.py's ToyDataStream API (the 2-D datasets come from issue 20's data helper)."""
-    module = types.ModuleType('training.toy_data')
-    class ToyDataStream:
-        def __init__(self, name, batch_size, num_batches, seed=1234, resample=False, noise=None):
-            self.args = (name, batch_size, num_batches, seed)
-            self.batches = two_points(num_batches, batch_size, seed)
-        def __iter__(self):
-            return iter(self.batches)
-    module.ToyDataStream = ToyDataStream
-    monkeypatch.setitem(sys.modules, 'training.toy_data', module)
-    return module
-
-
-def test_cli_trains_samples_and_plots(toy_data_module, tmp_path):
+def test_cli_trains_samples_and_plots(tmp_path):
     result = CliRunner().invoke(toy_example.cmdline, [
         'ddpm', '--dataset=gaussian8', '--size=400', '--batch-size=100', '--epochs=2', '--timesteps=20',
         '--mid-features=16', '--num-temporal-layers=1', '--samples=200', f'--save={tmp_path / "toy.png"}', '--device=cpu'])
@@ -76,6 +58,6 @@ def test_cli_trains_samples_and_plots(toy_data_module, tmp_path):
     assert 'Histogram KL' in result.output and (tmp_path / 'toy.png').stat().st_size > 1000
 
 
-def test_cli_size_must_be_a_multiple_of_the_batch(toy_data_module):
+def test_cli_size_must_be_a_multiple_of_the_batch():
     result = CliRunner().invoke(toy_example.cmdline, ['ddpm', '--size=450', '--batch-size=100', '--device=cpu'])
     assert result.exit_code != 0 and '--size=450 is not a multiple of --batch-size=100' in result.output

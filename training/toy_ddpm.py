@@ -1,8 +1,8 @@
 """DDPM on 2-D toy data, as tqch/ddpm-torch train_toy.py: the `Decoder` MLP, its trainer, sampling,
 the 2-D histogram KL of its evaluation and a scatter plot.
 
-The data come from any iterable of float32 [batch, 2] tensors per epoch (the lead wires
-training/toy_data.py's ToyDataStream(name, batch_size, num_batches, seed) into toy_example.py).
+The data come from any iterable of float32 [batch, 2] tensors per epoch; `toy_example.py ddpm`
+passes training/toy_data.py's ToyDataStream (train_toy.py's DataStreamer).
 """
 
 from typing import Callable, Iterable
