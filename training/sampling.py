@@ -176,9 +176,17 @@ def vp_sigma_inv(beta_d, beta_min):
     return lambda sigma: ((beta_min ** 2 + 2 * beta_d * (sigma ** 2 + 1).log()).sqrt() - beta_min) / beta_d
 
 
+VP_BETA_D, VP_BETA_MIN = 19.9, 0.1     # VP SDE of Song et al. (EDM Table 1), the constants of VPPrecond/VPLoss.
+
+
 def default_sigma_range(discretization: str, sigma_min=None, sigma_max=None, epsilon_s=1e-3):
-    """Noise range each discretization of EDM Table 1 uses unless told otherwise."""
-    vp_reference = vp_sigma(beta_d=19.1, beta_min=0.1)
+    """Noise range each discretization of EDM Table 1 uses unless told otherwise.
+
+    VP spans sigma(epsilon_s)..sigma(1) of the VP SDE with beta_d = 19.9, beta_min = 0.1 (sigma_max 152.2).
+    NVlabs/edm's generate.py writes beta_d = 19.1 here (NVlabs/edm issue 5; sigma_max 124.6); pass
+    --sigma_min=0.010467 --sigma_max=124.58 to reproduce that script exactly.
+    """
+    vp_reference = vp_sigma(beta_d=VP_BETA_D, beta_min=VP_BETA_MIN)
     if sigma_min is None:
         sigma_min = {'vp': vp_reference(epsilon_s), 've': 0.02, 'iddpm': 0.002, 'edm': 0.002}[discretization]
     if sigma_max is None:
