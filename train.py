@@ -67,19 +67,27 @@ def overrides_from_options(opts: dict) -> dict:
               deterministic=o.pop('deterministic'), cudnn_benchmark=o.pop('bench'), workers=o.pop('workers'), cache=o.pop('cache'),
               transfer=o.pop('transfer'), resume=o.pop('resume'), status_nimg=o.pop('status'),
               snapshot_nimg=o.pop('snapshot'), checkpoint_nimg=o.pop('checkpoint'))
-    tick, snap, dump = o.pop('tick'), o.pop('snap'), o.pop('dump')
-    if tick is not None:
-        ov['status_nimg'] = tick * 1000
-    if snap is not None or dump is not None:
-        # EDM counts snapshots and dumps in ticks.
-        base = ov['status_nimg'] if ov['status_nimg'] is not None else presets.PRESETS[opts['preset']].status_nimg
-        ov['snapshot_nimg'] = snap * base if snap is not None and base else ov['snapshot_nimg']
-        ov['checkpoint_nimg'] = dump * base if dump is not None and base else ov['checkpoint_nimg']
+    ov.update(tick_intervals(presets.PRESETS[opts['preset']], o.pop('tick'), o.pop('snap'), o.pop('dump'), ov))
     ema_stds = o.pop('ema_stds')
     if ema_stds is not None:
         ov['ema_stds'] = tuple(float(x) for x in ema_stds.split(','))
     assert set(o) <= {'preset'}, f'unmapped options {sorted(o)}'
     return {k: v for k, v in ov.items() if v is not None}
+
+
+def tick_intervals(preset: presets.TrainConfig, tick, snap, dump, ov: dict) -> dict:
+    """EDM's --tick (kimg), --snap and --dump (ticks) as image intervals; --tick alone keeps the preset's tick counts."""
+    out = {}
+    if tick is not None:
+        out['status_nimg'] = tick * 1000
+    base = out.get('status_nimg', ov.get('status_nimg') or preset.status_nimg)
+    for field, ticks in (('snapshot_nimg', snap), ('checkpoint_nimg', dump)):
+        if ticks is not None and base:
+            out[field] = ticks * base
+        elif tick is not None and ov.get(field) is None and getattr(preset, field) and preset.status_nimg:
+            # EDM counts snapshots and states in ticks, so a longer tick stretches them too.
+            out[field] = round(getattr(preset, field) / preset.status_nimg * base)
+    return out
 
 
 def run_description(cfg: presets.TrainConfig, world_size: int, desc: str) -> str:

@@ -35,3 +35,22 @@ def test_ablation_vp_discretization_spans_the_vp_sde_of_vpprecond():
     vp = VPPrecond(img_resolution=4, img_channels=1, model_type='SongUNet', model_channels=16, channel_mult=[1],
                    num_blocks=1, attn_resolutions=[])
     assert vp.sigma_max == pytest.approx(expected_max, rel=1e-6)
+
+
+def _dry_run_config(*args):
+    import json
+    from click.testing import CliRunner
+    import train
+    result = CliRunner().invoke(train.main, ['-n', *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output.split('Training config:', 1)[1].rsplit('Dry run', 1)[0])
+
+
+def test_edm_tick_alone_scales_snapshot_and_state_intervals():
+    # EDM's ImageNet row: --tick=200 with the default --snap=50 --dump=500 ticks = 10M / 100M images.
+    cfg = _dry_run_config('--preset=edm-cifar10-32x32-cond-vp', '--tick=200')
+    assert (cfg['status_nimg'], cfg['snapshot_nimg'], cfg['checkpoint_nimg']) == (200_000, 10_000_000, 100_000_000)
+    cfg = _dry_run_config('--preset=edm-cifar10-32x32-cond-vp', '--tick=200', '--snap=10', '--checkpoint=1M')
+    assert (cfg['status_nimg'], cfg['snapshot_nimg'], cfg['checkpoint_nimg']) == (200_000, 2_000_000, 1_000_000)
+    cfg = _dry_run_config('--preset=edm-cifar10-32x32-cond-vp', '--dump=4')
+    assert (cfg['status_nimg'], cfg['snapshot_nimg'], cfg['checkpoint_nimg']) == (50_000, 2_500_000, 200_000)
