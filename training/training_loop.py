@@ -142,7 +142,10 @@ def open_dataset(cfg: TrainConfig):
 
 def _init_runtime(cfg: TrainConfig, device: torch.device) -> None:
     """Seeds, TF32 policy (off, as in the references) and determinism."""
-    torch.manual_seed(step_seed(cfg.seed, dist.get_rank(), 0))
+    if cfg.recipe == 'edm2':
+        misc.set_random_seed(cfg.seed, dist.get_rank())  # EDM2 seeds its network init this way
+    else:
+        torch.manual_seed(step_seed(cfg.seed, dist.get_rank(), 0))
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and not cfg.deterministic
@@ -179,8 +182,6 @@ def setup(cfg: TrainConfig, run_dir: str, device: torch.device) -> dnnlib.EasyDi
     ctx = dnnlib.EasyDict(cfg=cfg, run_dir=run_dir, device=device, rank=dist.get_rank(), world=dist.get_world_size())
     ctx.recipe = make_recipe(cfg)
     ctx.batch_gpu, ctx.rounds = check_batch(cfg, ctx.world)
-    if cfg.stf and cfg.rbatch // ctx.world < cfg.batch_size // ctx.world:
-        raise ValueError(f'--rbatch={cfg.rbatch} must be at least --batch={cfg.batch_size}')
     _init_runtime(cfg, device)
     ctx.dataset, ctx.dataset_kwargs = open_dataset(cfg)
     ctx.encoder, ctx.encoder_kwargs = ctx.recipe.make_encoder(ctx.dataset)
@@ -275,14 +276,17 @@ def _restore(ctx) -> str | None:
 def _make_iterators(ctx) -> None:
     """Data iterators that start at cur_nimg (and, for STF, the extra reference images)."""
     cfg = ctx.cfg
-    def loader(seed, start_idx, batch):
-        sampler = misc.InfiniteSampler(dataset=ctx.dataset, rank=ctx.rank, num_replicas=ctx.world, seed=seed,
-                                       window_size=None, start_idx=start_idx)
+    def loader(seed, start_idx, batch, sampler_class=misc.InfiniteSampler):
+        sampler = sampler_class(dataset=ctx.dataset, rank=ctx.rank, num_replicas=ctx.world, seed=seed,
+                                window_size=None, start_idx=start_idx)
         return iter(torch.utils.data.DataLoader(
             dataset=ctx.dataset, sampler=sampler, batch_size=batch, num_workers=cfg.workers,
             pin_memory=(ctx.device.type == 'cuda'), prefetch_factor=(2 if cfg.workers > 0 else None)))
-    ctx.data_iter = loader(cfg.seed, ctx.cur_nimg, ctx.batch_gpu)
-    ctx.ref_extra = (cfg.rbatch // ctx.world - ctx.batch_gpu * ctx.rounds) if cfg.stf else 0
+    # EDM2 draws its data in the reference order (per-epoch shuffle seeded by hash((seed, epoch))).
+    data_sampler = misc.EDM2InfiniteSampler if cfg.recipe == 'edm2' else misc.InfiniteSampler
+    ctx.data_iter = loader(cfg.seed, ctx.cur_nimg, ctx.batch_gpu, data_sampler)
+    # STF fork: --rbatch reference images per GPU, that GPU's training images included.
+    ctx.ref_extra = (cfg.rbatch - ctx.batch_gpu * ctx.rounds) if cfg.stf else 0
     ctx.ref_iter = None
     if ctx.ref_extra > 0:
         steps_done = ctx.cur_nimg // cfg.batch_size
@@ -303,7 +307,10 @@ def _to_model_space(ctx, images):
 def train_step(ctx) -> None:
     """Accumulate gradients over rounds (no_sync until the last), then update weights and EMA."""
     cfg = ctx.cfg
-    torch.manual_seed(step_seed(cfg.seed, ctx.rank, ctx.cur_nimg))
+    if cfg.recipe == 'edm2':
+        misc.set_random_seed(cfg.seed, ctx.rank, ctx.cur_nimg)  # EDM2's per-step seed: same draws as the reference
+    else:
+        torch.manual_seed(step_seed(cfg.seed, ctx.rank, ctx.cur_nimg))
     ctx.optimizer.zero_grad(set_to_none=True)
     batches = [next(ctx.data_iter) for _ in range(ctx.rounds)]
     batches = [(_to_model_space(ctx, images), labels.to(ctx.device)) for images, labels in batches]
