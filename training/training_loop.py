@@ -212,6 +212,7 @@ def _build_modules(ctx) -> None:
         image = ctx.encoder.encode_latents(image)
     interface = dict(img_resolution=image.shape[-1], img_channels=image.shape[1], label_dim=ctx.dataset.label_dim)
     net = dnnlib.util.construct_class_by_name(**network_kwargs(cfg), **interface)
+    ctx.interface = interface
     net.train().requires_grad_(True).to(device)
     if cfg.channels_last:  # data stays NCHW, so randn_like draws the same noise as the reference
         net.to(memory_format=torch.channels_last)
@@ -438,7 +439,7 @@ def save_checkpoint(ctx) -> str | None:
         return None
     state = dict(format_version=STATE_FORMAT_VERSION, cur_nimg=ctx.cur_nimg, total_elapsed_time=ctx.total_elapsed_time,
                  net=ctx.net.state_dict(), ema=ctx.ema.state_dict(), optimizer=ctx.optimizer.state_dict(),
-                 config=to_json(ctx.cfg))
+                 config=to_json(ctx.cfg), network_kwargs=dict(network_kwargs(ctx.cfg), **ctx.interface))
     path = os.path.join(ctx.run_dir, f'training-state-{ctx.recipe.kimg_name(ctx.cur_nimg)}.pt')
     with dnnlib.util.atomic_write(path, 'wb') as f:
         torch.save(state, f)
