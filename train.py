@@ -151,7 +151,7 @@ def main(outdir, name, desc, nosubdir, no_stf, dry_run, **opts):
       EDM recipe (edm-* presets): a new numbered folder in --outdir per run, as EDM's train.py,
         <NNNNN>-<dataset>-<cond>-<arch>-<precond>-gpus<N>-batch<B>-<dtype>[-<desc>]; rerunning an
         interrupted command continues the newest unfinished such folder with the same options.
-        --nosubdir: --outdir itself is the run folder.
+        --nosubdir (or an --outdir that holds training states): --outdir itself is the run folder.
       EDM2 recipe (edm2-* presets): --outdir is the run folder; rerun the same command to resume.
       --name=NAME (STF fork): the run folder is --outdir/NAME; rerun to resume.
 

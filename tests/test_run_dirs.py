@@ -50,6 +50,9 @@ def test_edm_numbered_run_folders_and_rerun_resumes(tiny8, tmp_path, monkeypatch
     # --nosubdir: --outdir itself is the run folder.
     run(*base, '--duration=0.000016', '--nosubdir')
     assert os.path.isfile(tmp_path / 'training-state-000000.pt') and len(folders(tmp_path)) == 3
+    # An --outdir holding training states is a run folder: rerunning without --nosubdir continues it.
+    result = run(*base, '--duration=0.000032')
+    assert 'is itself a run folder' in result.output and 'Resuming from' in result.output and len(folders(tmp_path)) == 3
 
 
 def test_edm2_outdir_is_the_run_folder(tiny8, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@
   `00000-cifar10-32x32-cond-ddpmpp-edm-gpus8-batch512-fp32`, unless `--nosubdir`. Rerunning the
   same command after an interruption resumes the newest unfinished run folder of that description
   whose `run_config.json` holds the same options; a finished run gets a new folder, as in EDM.
+  An --outdir that itself holds training states is a run folder and is continued in place.
 - EDM2 recipe (NVlabs/edm2 train_edm2.py): `--outdir` is the run folder itself (with `--desc`, a
   numbered folder as for EDM).
 - `--name=NAME` (Newbeeer/stf train.py): the run folder is `<outdir>/NAME`, for every recipe.
@@ -88,6 +89,10 @@ def choose_run_dir(outdir: str, cfg: TrainConfig, desc: str | None = None, nosub
         return os.path.join(outdir, name)
     if nosubdir or (cfg.recipe != 'edm' and desc is None):
         return outdir
+    from training.training_loop import find_latest_state
+    if find_latest_state(outdir) is not None:
+        dist.print0(f'--outdir={outdir} is itself a run folder (it holds training states): continuing it there')
+        return outdir  # e.g. a run started with --nosubdir, or before numbered folders
     run_dir = [None]
     if dist.get_rank() == 0:
         description = run_description(cfg, dist.get_world_size(), desc)
