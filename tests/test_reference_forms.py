@@ -71,6 +71,7 @@ def test_edm2_recipe_draws_data_in_edm2_order_and_seeds_like_edm2():
     from torch_utils import misc
     from training import training_loop as tl
     from training.presets import build_config
+    from training.recipes import make_recipe
 
     class Indices(torch.utils.data.Dataset):
         def __len__(self):
@@ -80,14 +81,15 @@ def test_edm2_recipe_draws_data_in_edm2_order_and_seeds_like_edm2():
             return np.array([idx]), np.zeros([0], dtype=np.float32)
 
     for preset, order in [('tiny-edm2', 'edm2'), ('tiny-edm', 'ours')]:
-        ctx = dnnlib.EasyDict(cfg=build_config(preset, seed=7), dataset=Indices(), rank=0, world=1, cur_nimg=6,
+        cfg = build_config(preset, seed=7)
+        ctx = dnnlib.EasyDict(cfg=cfg, recipe=make_recipe(cfg), dataset=Indices(), rank=0, world=1, cur_nimg=6,
                               batch_gpu=4, device=torch.device('cpu'))
         tl._make_iterators(ctx)
         drawn = next(ctx.data_iter)[0].flatten().tolist()
         edm2 = [next(it) for it in [iter(misc.EDM2InfiniteSampler(range(10), seed=7, start_idx=6))] for _ in range(4)]
         assert (drawn == edm2) == (order == 'edm2'), (preset, drawn, edm2)
     # EDM2's per-step seed: set_random_seed(seed, rank, cur_nimg) seeds torch and numpy with hash(args) % 2**31.
-    misc.set_random_seed(7, 0, 2048)
+    make_recipe(build_config('tiny-edm2', seed=7)).seed_rng(0, 2048)
     a, b = torch.rand(3), np.random.rand(3)
     torch.manual_seed(hash((7, 0, 2048)) % (1 << 31))
     np.random.seed(hash((7, 0, 2048)) % (1 << 31))

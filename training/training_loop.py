@@ -16,7 +16,6 @@ import re
 import sys
 import time
 
-import numpy as np
 import psutil
 import torch
 
@@ -29,6 +28,7 @@ from training.loss import EDM2Loss  # noqa: F401  (reference pickles name traini
 from training.presets import TrainConfig, check_batch, to_json
 from training.recipes import learning_rate_schedule  # noqa: F401  (public name of this module)
 from training.recipes import make_recipe
+from training.recipes import step_seed  # noqa: F401  (public name of this module)
 
 STATE_FORMAT_VERSION = 1
 logger = logging.getLogger('edm.training')
@@ -36,14 +36,6 @@ logger = logging.getLogger('edm.training')
 
 class NonFiniteLossError(dnnlib.util.UserError):
     """The training loss became NaN or Inf."""
-
-#----------------------------------------------------------------------------
-# Schedules and seeds.
-
-
-def step_seed(seed: int, rank: int, cur_nimg: int) -> int:
-    """RNG seed of one training step, a pure function of (seed, rank, cur_nimg)."""
-    return int(np.random.SeedSequence([seed, rank, cur_nimg]).generate_state(1)[0])
 
 #----------------------------------------------------------------------------
 # Reference-format keyword dicts (written to training_options.json).
@@ -140,12 +132,9 @@ def open_dataset(cfg: TrainConfig):
     return dataset, kwargs
 
 
-def _init_runtime(cfg: TrainConfig, device: torch.device) -> None:
+def _init_runtime(cfg: TrainConfig, device: torch.device, recipe) -> None:
     """Seeds, TF32 policy (off, as in the references) and determinism."""
-    if cfg.recipe == 'edm2':
-        misc.set_random_seed(cfg.seed, dist.get_rank())  # EDM2 seeds its network init this way
-    else:
-        torch.manual_seed(step_seed(cfg.seed, dist.get_rank(), 0))
+    recipe.seed_rng(dist.get_rank())
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and not cfg.deterministic
@@ -182,7 +171,7 @@ def setup(cfg: TrainConfig, run_dir: str, device: torch.device) -> dnnlib.EasyDi
     ctx = dnnlib.EasyDict(cfg=cfg, run_dir=run_dir, device=device, rank=dist.get_rank(), world=dist.get_world_size())
     ctx.recipe = make_recipe(cfg)
     ctx.batch_gpu, ctx.rounds = check_batch(cfg, ctx.world)
-    _init_runtime(cfg, device)
+    _init_runtime(cfg, device, ctx.recipe)
     ctx.dataset, ctx.dataset_kwargs = open_dataset(cfg)
     ctx.encoder, ctx.encoder_kwargs = ctx.recipe.make_encoder(ctx.dataset)
     if ctx.rank == 0:
@@ -277,21 +266,19 @@ def _restore(ctx) -> str | None:
 def _make_iterators(ctx) -> None:
     """Data iterators that start at cur_nimg (and, for STF, the extra reference images)."""
     cfg = ctx.cfg
-    def loader(seed, start_idx, batch, sampler_class=misc.InfiniteSampler):
-        sampler = sampler_class(dataset=ctx.dataset, rank=ctx.rank, num_replicas=ctx.world, seed=seed,
-                                window_size=None, start_idx=start_idx)
+    def loader(sampler, batch):
         return iter(torch.utils.data.DataLoader(
             dataset=ctx.dataset, sampler=sampler, batch_size=batch, num_workers=cfg.workers,
             pin_memory=(ctx.device.type == 'cuda'), prefetch_factor=(2 if cfg.workers > 0 else None)))
-    # EDM2 draws its data in the reference order (per-epoch shuffle seeded by hash((seed, epoch))).
-    data_sampler = misc.EDM2InfiniteSampler if cfg.recipe == 'edm2' else misc.InfiniteSampler
-    ctx.data_iter = loader(cfg.seed, ctx.cur_nimg, ctx.batch_gpu, data_sampler)
+    ctx.data_iter = loader(ctx.recipe.data_sampler(ctx.dataset, ctx.rank, ctx.world, ctx.cur_nimg), ctx.batch_gpu)
     # STF fork: --rbatch reference images per GPU, that GPU's training images included.
     ctx.ref_extra = (cfg.rbatch - ctx.batch_gpu * ctx.rounds) if cfg.stf else 0
     ctx.ref_iter = None
     if ctx.ref_extra > 0:
         steps_done = ctx.cur_nimg // cfg.batch_size
-        ctx.ref_iter = loader(cfg.seed + 1, steps_done * ctx.ref_extra * ctx.world, ctx.ref_extra)
+        sampler = misc.InfiniteSampler(dataset=ctx.dataset, rank=ctx.rank, num_replicas=ctx.world, seed=cfg.seed + 1,
+                                       window_size=None, start_idx=steps_done * ctx.ref_extra * ctx.world)
+        ctx.ref_iter = loader(sampler, ctx.ref_extra)
 
 #----------------------------------------------------------------------------
 # One optimizer step.
@@ -308,10 +295,7 @@ def _to_model_space(ctx, images):
 def train_step(ctx) -> None:
     """Accumulate gradients over rounds (no_sync until the last), then update weights and EMA."""
     cfg = ctx.cfg
-    if cfg.recipe == 'edm2':
-        misc.set_random_seed(cfg.seed, ctx.rank, ctx.cur_nimg)  # EDM2's per-step seed: same draws as the reference
-    else:
-        torch.manual_seed(step_seed(cfg.seed, ctx.rank, ctx.cur_nimg))
+    ctx.recipe.seed_rng(ctx.rank, ctx.cur_nimg)
     ctx.optimizer.zero_grad(set_to_none=True)
     batches = [next(ctx.data_iter) for _ in range(ctx.rounds)]
     batches = [(_to_model_space(ctx, images), labels.to(ctx.device)) for images, labels in batches]
