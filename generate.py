@@ -24,7 +24,7 @@ def parse_seeds(ctx, param, value):
 
 @click.command(context_settings=dict(max_content_width=120))
 @click.option('--preset',                   help='Configuration preset (EDM2 / autoguidance / EDM)', metavar='STR', type=click.Choice(list(presets_generate.PRESETS)))
-@click.option('--network', '--net', 'net',  help='Main network pickle', metavar='PKL|URL',                       type=str)
+@click.option('--network', '--net', 'net',  help='Main network pickle or training state  [default: every training-state-*.pt in --outdir]', metavar='PKL|PT|URL', type=str)
 @click.option('--gnet',                     help='Guiding network pickle (for --guidance)', metavar='PKL|URL',   type=str)
 @click.option('--guidance',                 help='Guidance weight  [default: 1 = no guidance]', metavar='FLOAT', type=float)
 @click.option('--outdir',                   help='Where to save the images', metavar='DIR',                      type=str)
@@ -56,6 +56,8 @@ def parse_seeds(ctx, param, value):
 @click.option('--precision',                help='Network precision (bf16 = autocast)  [default: fp32]',         type=click.Choice(['fp32', 'bf16']))
 @click.option('--channels-last', 'channels_last', help='Channels-last weights and inputs', is_flag=True, default=None)
 @click.option('--batched-guidance', 'batched_guidance', help='net and gnet in one batched call (same architecture) or overlapped on CUDA streams', is_flag=True, default=None)
+@click.option('--ckpt',                     help='Without --network: first training state (kimg)  [default: 0]', metavar='KIMG', type=int)
+@click.option('--end_ckpt', 'end_ckpt',     help='Without --network: last training state (kimg)  [default: newest]', metavar='KIMG', type=int)
 @click.option('--trust-pickle', 'trust_pickle', help='Load pickles that run their embedded code',              is_flag=True, default=None)
 @click.option('--dry-run', 'dry_run',       help='Print the resolved config and exit',                          is_flag=True)
 @dnnlib.util.cli_errors
@@ -77,6 +79,10 @@ def main(preset, dry_run, use_ddim, **opts):
     # DDPM checkpoint of tqch/ddpm-torch: DDIM, 100 quadratic steps, EMA weights
     python generate.py --net=chkpts/ddpm_cifar10.pt --dataset=cifar10 --use-ema --use-ddim \\
         --skip-schedule=quadratic --subseq-size=100 --outdir=out --seeds=0-63
+
+    \b
+    # STF fork: 50000 images from every training-state-*.pt of a run, in training-runs/exp_name/ckpt_<kimg>
+    torchrun --standalone --nproc_per_node=8 generate.py --outdir=training-runs/exp_name --seeds=0-49999
 
     \b
     # 50000 images on 8 GPUs, for FID

@@ -45,7 +45,7 @@ def plan(outdir: str, kimg: int, num_images: int, device: str) -> list[tuple[str
                        f'--max-images={num_images}']))
     steps += [
         ('2/4 Train a tiny class-conditional EDM model', 'train.py',
-         ['--preset=quickstart', f'--data={dataset}', f'--outdir={run_dir}', f'--duration={kimg}k',
+         ['--preset=quickstart', f'--data={dataset}', f'--outdir={run_dir}', '--nosubdir', f'--duration={kimg}k',
           f'--device={device}']),
         ('3/4 Sample an image grid with the newest snapshot', 'generate.py',
          [f'--net={{snapshot}}', f'--outdir={images}', f'--seeds=0-{num_images - 1}', '--steps=18', '--batch=64',

@@ -9,12 +9,12 @@ import re
 import warnings
 
 import click
-import torch
 
 import dnnlib
 from torch_utils import distributed as dist
 from training import launch, presets
 from training.ddpm import BETA_SCHEDULES, LOSS_TYPES, MODEL_MEAN_TYPES, MODEL_VAR_TYPES
+from training.run_dir import choose_run_dir
 from training.training_loop import training_loop
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')
@@ -88,14 +88,7 @@ def overrides_from_options(opts: dict) -> dict:
               deterministic=o.pop('deterministic'), cudnn_benchmark=o.pop('bench'), workers=o.pop('workers'), cache=o.pop('cache'),
               transfer=o.pop('transfer'), resume=o.pop('resume'), status_nimg=o.pop('status'),
               snapshot_nimg=o.pop('snapshot'), checkpoint_nimg=o.pop('checkpoint'))
-    tick, snap, dump = o.pop('tick'), o.pop('snap'), o.pop('dump')
-    if tick is not None:
-        ov['status_nimg'] = tick * 1000
-    if snap is not None or dump is not None:
-        # EDM counts snapshots and dumps in ticks.
-        base = ov['status_nimg'] if ov['status_nimg'] is not None else presets.PRESETS[opts['preset']].status_nimg
-        ov['snapshot_nimg'] = snap * base if snap is not None and base else ov['snapshot_nimg']
-        ov['checkpoint_nimg'] = dump * base if dump is not None and base else ov['checkpoint_nimg']
+    ov.update(tick_intervals(presets.PRESETS[opts['preset']], o.pop('tick'), o.pop('snap'), o.pop('dump'), ov))
     ema_stds = o.pop('ema_stds')
     if ema_stds is not None:
         ov['ema_stds'] = tuple(float(x) for x in ema_stds.split(','))
@@ -106,43 +99,35 @@ def overrides_from_options(opts: dict) -> dict:
     return {k: v for k, v in {**ov, **ddpm}.items() if v is not None}
 
 
-def run_description(cfg: presets.TrainConfig, world_size: int, desc: str) -> str:
-    """EDM's run name: <dataset>-<cond|uncond>-<arch>-<precond>-gpus<N>-batch<B>-<dtype>-<desc>."""
-    dataset = os.path.splitext(os.path.basename(os.path.normpath(cfg.data)))[0]
-    dtype = 'fp16' if cfg.fp16 else 'bf16' if cfg.bf16 else 'fp32'
-    return (f'{dataset}-{"cond" if cfg.cond else "uncond"}-{cfg.arch}-{cfg.precond}-gpus{world_size}'
-            f'-batch{cfg.batch_size}-{dtype}-{desc}')
-
-
-def numbered_run_dir(outdir: str, name: str) -> str:
-    """<outdir>/<NNNNN>-<name> with the next free run number, as EDM names its run directories."""
-    taken = [int(m.group()) for entry in (os.listdir(outdir) if os.path.isdir(outdir) else [])
-             if os.path.isdir(os.path.join(outdir, entry)) and (m := re.match(r'\d+', entry))]
-    return os.path.join(outdir, f'{max(taken, default=-1) + 1:05d}-{name}')
-
-
-def choose_run_dir(outdir: str, cfg: presets.TrainConfig, desc: str | None, nosubdir: bool) -> str:
-    """--outdir itself, or with --desc (and no --nosubdir) a new numbered subfolder, the same on every rank."""
-    if desc is None or nosubdir:
-        return outdir
-    run_dir = [numbered_run_dir(outdir, run_description(cfg, dist.get_world_size(), desc))]
-    if torch.distributed.is_initialized():
-        torch.distributed.broadcast_object_list(run_dir, src=0)
-    return run_dir[0]
+def tick_intervals(preset: presets.TrainConfig, tick, snap, dump, ov: dict) -> dict:
+    """EDM's --tick (kimg), --snap and --dump (ticks) as image intervals; --tick alone keeps the preset's tick counts."""
+    out = {}
+    if tick is not None:
+        out['status_nimg'] = tick * 1000
+    base = out.get('status_nimg', ov.get('status_nimg') or preset.status_nimg)
+    for field, ticks in (('snapshot_nimg', snap), ('checkpoint_nimg', dump)):
+        if ticks is not None and base:
+            out[field] = ticks * base
+        elif tick is not None and ov.get(field) is None and getattr(preset, field) and preset.status_nimg:
+            # EDM counts snapshots and states in ticks, so a longer tick stretches them too.
+            out[field] = round(getattr(preset, field) / preset.status_nimg * base)
+    return out
 
 
 @click.command(context_settings=dict(show_default=True))
 # Main options.
 @click.option('--preset',        help='Configuration preset', metavar='NAME', type=click.Choice(list(presets.PRESETS)), default=presets.DEFAULT_PRESET)
-@click.option('--outdir',        help='Run directory; rerun the same command to resume', metavar='DIR', type=str)
-@click.option('--desc',          help='EDM: make a numbered run folder in --outdir named with this', metavar='STR', type=str, callback=_check_desc)
-@click.option('--nosubdir',      help='EDM: no numbered run folder, even with --desc', is_flag=True)
+@click.option('--outdir',        help='EDM: where numbered run folders go; EDM2: the run folder', metavar='DIR', type=str)
+@click.option('--name',          help='STF: the run folder is --outdir/NAME', metavar='NAME', type=str, callback=_check_desc)
+@click.option('--desc',          help='String to include in the run folder name', metavar='STR', type=str, callback=_check_desc)
+@click.option('--nosubdir',      help='EDM: --outdir itself is the run folder', is_flag=True)
 @click.option('--data',          help='Dataset folder or zip', metavar='ZIP|DIR', type=str)
 @click.option('--cond',          help='Train class-conditional model', metavar='BOOL', type=bool)
 @click.option('--arch',          help='Network architecture', type=click.Choice(list(presets.ARCHS)))
 @click.option('--precond',       help='Preconditioning & loss', type=click.Choice(list(presets.PRECONDS)))
-@click.option('--stf/--no-stf',  help='Stable Target Field loss', default=None)
-@click.option('--rbatch',        help='STF reference batch size', metavar='INT', type=click.IntRange(min=1))
+@click.option('--stf',           help='Stable Target Field loss (--stf alone = 1)', metavar='BOOL', type=bool, is_flag=False, flag_value=True)
+@click.option('--no-stf', 'no_stf', help='Same as --stf=0', is_flag=True)
+@click.option('--rbatch',        help='STF reference batch per GPU  [default: 4096]', metavar='INT', type=click.IntRange(min=1))
 # Hyperparameters.
 @click.option('--duration',      help='Training duration (plain number = Mimg, or 2048Mi, 200M)', metavar='MIMG|NIMG', type=NimgType(1e6))
 @click.option('--batch', '--batch-size', 'batch', help='Total batch size', metavar='NIMG', type=NimgType())
@@ -198,15 +183,30 @@ def choose_run_dir(outdir: str, cfg: presets.TrainConfig, desc: str | None, nosu
 @click.option('--beta1',         help='Adam beta1', metavar='FLOAT', type=click.FloatRange(min=0, max=1, max_open=True))
 @click.option('--beta2',         help='Adam beta2', metavar='FLOAT', type=click.FloatRange(min=0, max=1, max_open=True))
 @dnnlib.util.cli_errors
-def main(outdir, desc, nosubdir, dry_run, **opts):
+def main(outdir, name, desc, nosubdir, no_stf, dry_run, **opts):
     """Train a diffusion model (EDM, EDM2 or DDPM recipe).
+
+    \b
+    Run folders:
+      EDM recipe (edm-* presets): a new numbered folder in --outdir per run, as EDM's train.py,
+        <NNNNN>-<dataset>-<cond>-<arch>-<precond>-gpus<N>-batch<B>-<dtype>[-<desc>]; rerunning an
+        interrupted command continues the newest unfinished such folder with the same options.
+        --nosubdir (or an --outdir that holds training states): --outdir itself is the run folder.
+      EDM2 and DDPM recipes (edm2-*, ddpm-* presets): --outdir is the run folder; rerun the same
+        command to resume.
+      --name=NAME (STF fork): the run folder is --outdir/NAME; rerun to resume.
 
     Examples:
 
     \b
-    # EDM: class-conditional CIFAR-10 DDPM++ on 8 GPUs
-    torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs/cifar \\
-        --data=datasets/cifar10-32x32.zip --preset=edm-cifar10-32x32-cond-vp
+    # EDM: class-conditional CIFAR-10 DDPM++ on 8 GPUs -> training-runs/00000-cifar10-32x32-cond-ddpmpp-edm-...
+    torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
+        --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp
+
+    \b
+    # STF fork: Stable Target Field loss, run folder training-runs/exp_name
+    torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs --name=exp_name \\
+        --data=datasets/cifar10-32x32.zip --cond=0 --arch=ncsnpp --stf=1 --rbatch=1024
 
     \b
     # EDM2: XS model on ImageNet-512 latents; rerun the same command to resume
@@ -220,8 +220,10 @@ def main(outdir, desc, nosubdir, dry_run, **opts):
 
     \b
     # Seconds on a CPU
-    python train.py --preset=tiny-edm --data=datasets/cifar8 --outdir=runs/tiny
+    python train.py --preset=tiny-edm --data=datasets/cifar8 --outdir=runs/tiny --nosubdir
     """
+    if no_stf:
+        opts['stf'] = False
     cfg = presets.build_config(opts['preset'], **overrides_from_options(opts))
     dist.print0('Training config:')
     dist.print0(json.dumps(presets.to_json(cfg), indent=2))
@@ -233,7 +235,7 @@ def main(outdir, desc, nosubdir, dry_run, **opts):
     if cfg.data is None:
         raise click.BadParameter('is required (a dataset folder or .zip made by dataset_tool.py)', param_hint='--data')
     device = launch.init_run(cfg)
-    run_dir = choose_run_dir(outdir, cfg, desc, nosubdir)
+    run_dir = choose_run_dir(outdir, cfg, desc=desc, nosubdir=nosubdir, name=name)
     result = training_loop(cfg, run_dir=run_dir, device=device)
     dist.print0(f'Run directory: {run_dir} ({result.cur_nimg / 1e3:.1f} kimg)')
 

@@ -156,12 +156,10 @@ ROWS = [
     # ---- STF README (the EDM fork): its training form and per-checkpoint evaluation ----
     Row('STF', 'torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs --name=exp_name '
                '--data=datasets/cifar10-32x32.zip --cond=0 --arch=ncsnpp --stf=1 --rbatch 1024',
-        subs=(_torchrun(8), _DRY), expect=('>Dry run',), xfail='i18b: train.py --name and --stf=0|1 (STF form)'),
+        subs=(_torchrun(8), _DRY), expect=('>Dry run',)),
     Row('STF', 'torchrun --standalone --nproc_per_node=8 generate.py --seeds=0-49999 --outdir=./training-runs/exp_name',
-        subs=(_torchrun(8), _SEEDS_50K), expect=('training-runs/exp_name/**/000007.png',),
-        xfail='i18b: generate.py for every training-state-*.pt of a run folder'),
+        subs=(_torchrun(8), _SEEDS_50K), expect=('training-runs/exp_name/**/000007.png',)),
     Row('STF', 'torchrun --standalone --nproc_per_node=8 fid.py calc --images=training-runs/exp_name '
                '--ref=fid-refs/cifar10-32x32.npz --num 50000',
-        subs=(_torchrun(8), ('--num 50000', '--num 8')), expect=('>fid = ',),
-        xfail='i18b: needs the per-checkpoint images of the row above'),
+        subs=(_torchrun(8), ('--num 50000', '--num 8')), expect=('>fid = ',)),
 ]

@@ -116,7 +116,9 @@ def test_build_config_applies_presets_and_overrides():
 
 
 @pytest.mark.parametrize('kwargs,match', [
-    (dict(outdir='o'), '--net'),
+    (dict(), '--net'),
+    (dict(outdir='o', grid='g.png'), '--grid=g.png needs one network'),  # no --net: every training state of --outdir
+    (dict(outdir='o', ckpt=5, end_ckpt=2), '--ckpt=5 --end_ckpt=2'),
     (dict(net='x.pkl'), '--outdir'),
     (dict(net='x.pkl', outdir='o', guidance=2.0), '--gnet'),
     (dict(net='x.pkl', outdir='o', seeds=[]), 'empty'),

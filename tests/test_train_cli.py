@@ -15,6 +15,7 @@ from tests.test_train import cifar  # noqa: F401  (module fixture)
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 from torch_utils import distributed as dist
+from training import run_dir
 from training import training_loop as tl
 from training.presets import PRESETS, build_config, check_batch, from_json, to_json
 
@@ -68,12 +69,12 @@ def test_build_config_overrides_and_errors():
     assert tl.network_kwargs(cfg).class_name == 'training.networks.VPPrecond'
     assert tl.loss_kwargs(cfg) == dict(class_name='training.loss.VPLoss')
     assert tl.loss_kwargs(build_config('tiny-edm', stf=True)) == \
-        dict(class_name='training.loss.STFLoss', base='edm', rbatch=128)
+        dict(class_name='training.loss.STFLoss', base='edm', rbatch=4096)  # the STF fork's default
     assert build_config('edm-cifar10-32x32-cond-vp', arch='adm').model_channels == 192
     assert build_config('tiny-edm', arch='edm2').recipe == 'edm2'
     assert from_json(json.loads(json.dumps(to_json(cfg)))) == cfg
     for kwargs, match in [(dict(preset='nope'), 'tiny-edm2'), (dict(bogus=1), 'unknown config fields'),
-                          (dict(stf=True, rbatch=8), '--rbatch=8'), (dict(fp16=True, bf16=True), 'mutually exclusive'),
+                          (dict(fp16=True, bf16=True), 'mutually exclusive'),
                           (dict(precond='edm2'), None), (dict(arch='adm', precond='edm2'), 'do not match')]:
         preset = kwargs.pop('preset', 'tiny-edm')
         if match is None:
@@ -93,6 +94,10 @@ def test_check_batch():
         check_batch(cfg, 3)
     with pytest.raises(ValueError, match='--batch-gpu=6'):
         check_batch(build_config('tiny-edm', batch_size=64, batch_gpu=6), 1)
+    # STF fork: --rbatch counts the reference images of one GPU, its training images included.
+    assert check_batch(build_config('tiny-edm', batch_size=64, stf=True, rbatch=16), 4) == (16, 1)
+    with pytest.raises(ValueError, match=r'--rbatch=8 is smaller than the 16 training images per GPU'):
+        check_batch(build_config('tiny-edm', batch_size=64, stf=True, rbatch=8), 4)
 
 
 def test_learning_rate_schedule():
@@ -132,7 +137,7 @@ def test_cli_trains_and_resumes(cifar, tmp_path, monkeypatch):  # noqa: F811
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     monkeypatch.setattr(dist, '_handlers_installed', False)
     try:
-        args = ['--preset=tiny-edm', f'--data={cifar["c8"]}', f'--outdir={tmp_path}', '--batch=16', '--status=16']
+        args = ['--preset=tiny-edm', f'--data={cifar["c8"]}', f'--outdir={tmp_path}', '--nosubdir', '--batch=16', '--status=16']
         assert invoke(args + ['--duration=0.000032']).exit_code == 0
         result = invoke(args + ['--duration=0.000064', '--stf', '--rbatch=32'])
     finally:
@@ -200,9 +205,9 @@ def _run_dir_worker(rank, port, results):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2')
     dist.init(torch.device('cpu'))
     # Each rank lists --outdir at its own moment and may see other folders; rank 0's choice must win.
-    train.numbered_run_dir = lambda outdir, name: os.path.join(outdir, f'0000{rank}-{name}')
+    run_dir.numbered_run_dir = lambda outdir, name: os.path.join(outdir, f'0000{rank}-{name}')
     cfg = build_config('tiny-edm', data='datasets/c8.zip')
-    results[rank] = train.choose_run_dir('runs', cfg, 'x', nosubdir=False)
+    results[rank] = run_dir.choose_run_dir('runs', cfg, 'x', nosubdir=False)
     dist.shutdown()
 
 

@@ -164,12 +164,51 @@ class InfiniteSampler(torch.utils.data.Sampler):
         while True:
             if epoch != idx // self.dataset_size:
                 epoch = idx // self.dataset_size
-                order = np.arange(self.dataset_size)
-                if self.shuffle:
-                    np.random.default_rng([self.seed, epoch]).shuffle(order)
+                order = self._epoch_order(epoch)
             if idx % self.num_replicas == self.rank:
                 yield int(order[idx % self.dataset_size])
             idx += 1
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """The dataset indices of one epoch, shuffled by (seed, epoch)."""
+        order = np.arange(self.dataset_size)
+        if self.shuffle:
+            np.random.default_rng([self.seed, epoch]).shuffle(order)
+        return order
+
+
+class EDM2InfiniteSampler(InfiniteSampler):
+    """EDM2's data order: a fresh permutation per epoch from RandomState(hash((seed, epoch)) mod 2^31);
+    rank r takes items start_idx + r, start_idx + r + num_replicas, ... (EDM2 torch_utils.misc)."""
+
+    def __init__(self, dataset, rank: int = 0, num_replicas: int = 1, shuffle: bool = True, seed: int = 0,
+                 start_idx: int = 0, window_size: None = None):
+        assert window_size is None, 'EDM2InfiniteSampler shuffles per epoch; it has no window'
+        super().__init__(dataset, rank=rank, num_replicas=num_replicas, shuffle=shuffle, seed=seed,
+                         window_size=None, start_idx=start_idx)
+
+    def __iter__(self) -> Iterator[int]:
+        idx = self.start_idx + self.rank
+        epoch, order = None, None
+        while True:
+            if epoch != idx // self.dataset_size:
+                epoch = idx // self.dataset_size
+                order = self._epoch_order(epoch)
+            yield int(order[idx % self.dataset_size])
+            idx += self.num_replicas
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        order = np.arange(self.dataset_size)
+        if self.shuffle:
+            np.random.RandomState(hash((self.seed, epoch)) % (1 << 31)).shuffle(order)
+        return order
+
+
+def set_random_seed(*args) -> None:
+    """Reseed torch (all devices) and numpy from hash(args) mod 2^31, e.g. (seed, rank, cur_nimg) (EDM2 torch_utils.misc)."""
+    seed = hash(tuple(args)) % (1 << 31)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
 
 #----------------------------------------------------------------------------
 # Parameters and buffers.

@@ -328,6 +328,46 @@ def _load(f: Any, trust: bool, name: str) -> Any:
             raise CorruptPickleError(f'{name}: cannot load the pickle ({detail}); the file is corrupt, truncated, or its embedded code fails here') from None
         raise CorruptPickleError(f'{name}: not a readable network pickle ({detail}); is the file truncated or of another format?') from None
 
+class _SafeProtocol2Unpickler(_SafeUnpickler):
+    """The safe unpickler for torch.save's protocol-2 pickles, which name builtins as in Python 2 (__builtin__.set)."""
+    def find_class(self, module: str, name: str) -> Any:
+        import _compat_pickle  # Python 2 names only (__builtin__, copy_reg, ...): no Python 3 module is renamed
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        return super().find_class(module, name)
+
+class _SafePickleModule:
+    """The `pickle_module` torch.load needs, unpickling through the safe loader (no embedded code runs)."""
+    Unpickler = _SafeProtocol2Unpickler
+    __name__ = 'torch_utils.persistence._SafePickleModule'
+
+    @staticmethod
+    def load(f, **kwargs):
+        return _SafeProtocol2Unpickler(f, **kwargs).load()
+
+def load_file(source: Any, trust: bool = False) -> Any:
+    """A reference-format pickle or a torch.save file (e.g. the STF fork's training-state-*.pt), safe unless `trust`."""
+    import torch
+    if isinstance(source, (str, os.PathLike)):
+        with dnnlib.util.open_url(source) as f:
+            return load_file(f, trust=trust) if _is_zip(f) else _load(f, trust, name=os.fspath(source))
+    if not _is_zip(source):
+        return _load(source, trust, name=getattr(source, 'name', '<file>'))
+    name = getattr(source, 'name', '<file>')
+    try:
+        return torch.load(source, map_location='cpu', weights_only=False, pickle_module=pickle if trust else _SafePickleModule)
+    except UserError as err:
+        raise type(err)(f'{name}: {err}') from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CorruptPickleError(f'{name}: not a readable torch checkpoint ({type(err).__name__}: {err}); is the file truncated?') from None
+
+def _is_zip(f: Any) -> bool:
+    """torch.save's zip container starts with the local file header 'PK\\x03\\x04'; pickles do not."""
+    pos = f.tell()
+    head = f.read(4)
+    f.seek(pos)
+    return head == b'PK\x03\x04'
+
 def save_pickle(obj: Any, path: str | os.PathLike) -> None:
     """Write `obj` as a reference-format pickle, atomically."""
     with dnnlib.util.atomic_write(path) as f:

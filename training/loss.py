@@ -30,17 +30,22 @@ class _DenoisingLoss:
         return self.denoising_loss(net, images, labels, augment_pipe)
 
     def denoising_loss(self, net, images, labels=None, augment_pipe=None, target_fn=None):
-        """Shared body; `target_fn(noisy, clean, sigma)` replaces the clean target (STF)."""
+        """Shared body; `target_fn(noisy, clean, sigma)` replaces the clean target (STF).
+
+        The target function runs after the network call, so that its random draws (STF's
+        augmentation of the reference batch) come after the network's, in the STF fork's order.
+        """
         sigma = self.sample_sigma(images)
         weight = self.loss_weight(sigma)
         clean, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
         noisy = clean + torch.randn_like(clean) * sigma
-        target = clean if target_fn is None else target_fn(noisy, clean, sigma)
+        target = clean if target_fn is None else (lambda: target_fn(noisy, clean, sigma))
         return self.weighted_error(net, noisy, sigma, labels, augment_labels, target, weight)
 
     def weighted_error(self, net, noisy, sigma, labels, augment_labels, target, weight):
-        """lambda(sigma) * (D(x; sigma) - target)^2."""
+        """lambda(sigma) * (D(x; sigma) - target)^2; `target` may be a function evaluated after D."""
         denoised = net(noisy, sigma, labels, augment_labels=augment_labels)
+        target = target() if callable(target) else target
         return weight * ((denoised - target) ** 2)
 
 #----------------------------------------------------------------------------
@@ -144,6 +149,7 @@ class EDM2Loss(_LogNormalSigma):
     def weighted_error(self, net, noisy, sigma, labels, augment_labels, target, weight):
         """(lambda(sigma) / e^u(sigma)) (D - target)^2 + u(sigma) (EDM2 Eq. 21)."""
         denoised, logvar = net(noisy, sigma, labels, return_logvar=True)
+        target = target() if callable(target) else target
         return (weight / logvar.exp()) * ((denoised - target) ** 2) + logvar
 
 #----------------------------------------------------------------------------
@@ -185,7 +191,9 @@ class STFLoss:
     """Stable Target Field: regress onto the posterior mean over a reference batch (Xu et al. 2023, Eq. 4-5).
 
     The reference batch is the (augmented) training batch itself followed by
-    `ref_images`, extra clean images drawn from the dataset by the training loop.
+    `ref_images`, further images drawn from the dataset by the training loop; like the
+    training batch they pass through the augmentation pipe (one call after the network's,
+    as in the STF fork's EDMLoss; their augmentation labels are dropped).
     Sigma sampling and loss weighting come from the wrapped base loss, so any
     preconditioning works. With only the image itself as reference the target is
     the clean image and the loss equals the base loss.
@@ -193,7 +201,7 @@ class STFLoss:
 
     def __init__(self,
         base        = 'edm',    # Wrapped loss: 'vp', 've', 'edm' or 'edm2'.
-        rbatch      = 1024,     # Reference batch size per optimizer step (training batch included).
+        rbatch      = 4096,     # Reference batch size per GPU, training images included (recorded; the loop draws them).
         **base_kwargs,          # Arguments of the wrapped loss (e.g. P_mean, P_std, sigma_data).
     ):
         if base not in _STF_BASES:
@@ -207,7 +215,8 @@ class STFLoss:
         def target_fn(noisy, clean, sigma):
             refs, valid = clean, None
             if ref_images is not None and ref_images.shape[0] > 0:
-                refs = torch.cat([clean, ref_images.to(clean.dtype)])
+                extra = augment_pipe(ref_images)[0] if augment_pipe is not None else ref_images
+                refs = torch.cat([clean, extra.to(clean.dtype)])
             if labels is not None and labels.ndim == 2 and labels.shape[1] > 0:
                 if refs is not clean and ref_labels is None:
                     raise ValueError('STFLoss: conditional training needs ref_labels along with ref_images')

@@ -244,7 +244,7 @@ class UNetBlock(torch.nn.Module):
         dropout:            float   = 0,                    # Dropout probability before conv1.
         skip_scale:         float   = 1,                    # Scale applied after each residual sum.
         eps:                float   = 1e-5,                 # GroupNorm epsilon.
-        resample_filter:    Sequence[float] = (1, 1),       # FIR filter for up/downsampling.
+        resample_filter:    Sequence[float] = [1, 1],       # FIR filter for up/downsampling (a list, as the reference records it).
         resample_proj:      bool    = False,                # 1x1 conv on the skip path even when channels match?
         adaptive_scale:     bool    = True,                 # Embedding gives scale and shift (ADM) instead of a bias (DDPM++).
         init:               dict    = None,                 # Init kwargs for most layers; None = {}.
@@ -263,20 +263,20 @@ class UNetBlock(torch.nn.Module):
         self.adaptive_scale = adaptive_scale
 
         self.norm0 = GroupNorm(num_channels=in_channels, eps=eps)
-        self.conv0 = Conv2d(in_channels, out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init)
-        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
+        self.conv0 = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init)
+        self.affine = Linear(in_features=emb_channels, out_features=out_channels * (2 if adaptive_scale else 1), **init)
         self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)
-        self.conv1 = Conv2d(out_channels, out_channels, kernel=3, **init_zero)
+        self.conv1 = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=3, **init_zero)
 
         self.skip = None
         if out_channels != in_channels or up or down:
             kernel = 1 if resample_proj or out_channels != in_channels else 0
-            self.skip = Conv2d(in_channels, out_channels, kernel=kernel, up=up, down=down, resample_filter=resample_filter, **init)
+            self.skip = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=kernel, up=up, down=down, resample_filter=resample_filter, **init)
 
         if self.num_heads:
             self.norm2 = GroupNorm(num_channels=out_channels, eps=eps)
-            self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init))
-            self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
+            self.qkv = Conv2d(in_channels=out_channels, out_channels=out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init))
+            self.proj = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=1, **init_zero)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         orig = x
@@ -419,10 +419,10 @@ class SongUNet(torch.nn.Module):
             self.map_noise = PositionalEmbedding(num_channels=noise_channels, endpoint=True)
         else:
             self.map_noise = FourierEmbedding(num_channels=noise_channels)
-        self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
-        self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
-        self.map_layer0 = Linear(noise_channels, emb_channels, **init)
-        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
+        self.map_label = Linear(in_features=label_dim, out_features=noise_channels, **init) if label_dim else None
+        self.map_augment = Linear(in_features=augment_dim, out_features=noise_channels, bias=False, **init) if augment_dim else None
+        self.map_layer0 = Linear(in_features=noise_channels, out_features=emb_channels, **init)
+        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
 
         self.enc = torch.nn.ModuleDict()
         self._build_encoder(img_resolution, in_channels, model_channels, channel_mult, num_blocks,
@@ -440,19 +440,19 @@ class SongUNet(torch.nn.Module):
             res = img_resolution >> level
             if level == 0:
                 cin, cout = cout, model_channels
-                self.enc[f'{res}x{res}_conv'] = Conv2d(cin, cout, kernel=3, **init)
+                self.enc[f'{res}x{res}_conv'] = Conv2d(in_channels=cin, out_channels=cout, kernel=3, **init)
             else:
-                self.enc[f'{res}x{res}_down'] = UNetBlock(cout, cout, down=True, **block_kwargs)
+                self.enc[f'{res}x{res}_down'] = UNetBlock(in_channels=cout, out_channels=cout, down=True, **block_kwargs)
                 if encoder_type == 'skip':
-                    self.enc[f'{res}x{res}_aux_down'] = Conv2d(caux, caux, kernel=0, down=True, resample_filter=resample_filter)
-                    self.enc[f'{res}x{res}_aux_skip'] = Conv2d(caux, cout, kernel=1, **init)
+                    self.enc[f'{res}x{res}_aux_down'] = Conv2d(in_channels=caux, out_channels=caux, kernel=0, down=True, resample_filter=resample_filter)
+                    self.enc[f'{res}x{res}_aux_skip'] = Conv2d(in_channels=caux, out_channels=cout, kernel=1, **init)
                 if encoder_type == 'residual':
-                    self.enc[f'{res}x{res}_aux_residual'] = Conv2d(caux, cout, kernel=3, down=True,
+                    self.enc[f'{res}x{res}_aux_residual'] = Conv2d(in_channels=caux, out_channels=cout, kernel=3, down=True,
                         resample_filter=resample_filter, fused_resample=True, **init)
                     caux = cout
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
-                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=(res in attn_resolutions), **block_kwargs)
+                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(in_channels=cin, out_channels=cout, attention=(res in attn_resolutions), **block_kwargs)
 
     def _build_decoder(self, img_resolution, out_channels, model_channels, channel_mult, num_blocks,
             attn_resolutions, decoder_type, resample_filter, init_zero, block_kwargs, skips):
@@ -460,19 +460,19 @@ class SongUNet(torch.nn.Module):
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
             if level == len(channel_mult) - 1:
-                self.dec[f'{res}x{res}_in0'] = UNetBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f'{res}x{res}_in1'] = UNetBlock(cout, cout, **block_kwargs)
+                self.dec[f'{res}x{res}_in0'] = UNetBlock(in_channels=cout, out_channels=cout, attention=True, **block_kwargs)
+                self.dec[f'{res}x{res}_in1'] = UNetBlock(in_channels=cout, out_channels=cout, **block_kwargs)
             else:
-                self.dec[f'{res}x{res}_up'] = UNetBlock(cout, cout, up=True, **block_kwargs)
+                self.dec[f'{res}x{res}_up'] = UNetBlock(in_channels=cout, out_channels=cout, up=True, **block_kwargs)
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), model_channels * mult
                 attn = (idx == num_blocks and res in attn_resolutions)  # DDPM++ attends only after the last block
-                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
+                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(in_channels=cin, out_channels=cout, attention=attn, **block_kwargs)
             if decoder_type == 'skip' or level == 0:
                 if decoder_type == 'skip' and level < len(channel_mult) - 1:
-                    self.dec[f'{res}x{res}_aux_up'] = Conv2d(out_channels, out_channels, kernel=0, up=True, resample_filter=resample_filter)
+                    self.dec[f'{res}x{res}_aux_up'] = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=0, up=True, resample_filter=resample_filter)
                 self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(num_channels=cout, eps=1e-6)
-                self.dec[f'{res}x{res}_aux_conv'] = Conv2d(cout, out_channels, kernel=3, **init_zero)
+                self.dec[f'{res}x{res}_aux_conv'] = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
 
     def _embed(self, noise_labels, class_labels, augment_labels):
         emb = self.map_noise(noise_labels)
@@ -551,10 +551,10 @@ class DhariwalUNet(torch.nn.Module):
 
         # Mapping network.
         self.map_noise = PositionalEmbedding(num_channels=model_channels)
-        self.map_augment = Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
-        self.map_layer0 = Linear(model_channels, emb_channels, **init)
-        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
-        self.map_label = Linear(label_dim, emb_channels, bias=False, init_mode='kaiming_normal',
+        self.map_augment = Linear(in_features=augment_dim, out_features=model_channels, bias=False, **init_zero) if augment_dim else None
+        self.map_layer0 = Linear(in_features=model_channels, out_features=emb_channels, **init)
+        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
+        self.map_label = Linear(in_features=label_dim, out_features=emb_channels, bias=False, init_mode='kaiming_normal',
             init_weight=np.sqrt(label_dim)) if label_dim else None
 
         # Encoder.
@@ -564,12 +564,12 @@ class DhariwalUNet(torch.nn.Module):
             res = img_resolution >> level
             if level == 0:
                 cin, cout = cout, model_channels * mult
-                self.enc[f'{res}x{res}_conv'] = Conv2d(cin, cout, kernel=3, **init)
+                self.enc[f'{res}x{res}_conv'] = Conv2d(in_channels=cin, out_channels=cout, kernel=3, **init)
             else:
-                self.enc[f'{res}x{res}_down'] = UNetBlock(cout, cout, down=True, **block_kwargs)
+                self.enc[f'{res}x{res}_down'] = UNetBlock(in_channels=cout, out_channels=cout, down=True, **block_kwargs)
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
-                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=(res in attn_resolutions), **block_kwargs)
+                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(in_channels=cin, out_channels=cout, attention=(res in attn_resolutions), **block_kwargs)
         skips = [block.out_channels for block in self.enc.values()]
 
         # Decoder.
@@ -577,15 +577,15 @@ class DhariwalUNet(torch.nn.Module):
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
             if level == len(channel_mult) - 1:
-                self.dec[f'{res}x{res}_in0'] = UNetBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f'{res}x{res}_in1'] = UNetBlock(cout, cout, **block_kwargs)
+                self.dec[f'{res}x{res}_in0'] = UNetBlock(in_channels=cout, out_channels=cout, attention=True, **block_kwargs)
+                self.dec[f'{res}x{res}_in1'] = UNetBlock(in_channels=cout, out_channels=cout, **block_kwargs)
             else:
-                self.dec[f'{res}x{res}_up'] = UNetBlock(cout, cout, up=True, **block_kwargs)
+                self.dec[f'{res}x{res}_up'] = UNetBlock(in_channels=cout, out_channels=cout, up=True, **block_kwargs)
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), model_channels * mult
-                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=(res in attn_resolutions), **block_kwargs)
+                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(in_channels=cin, out_channels=cout, attention=(res in attn_resolutions), **block_kwargs)
         self.out_norm = GroupNorm(num_channels=cout)
-        self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
+        self.out_conv = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
 
     def _embed(self, noise_labels, class_labels, augment_labels):
         emb = self.map_noise(noise_labels)

@@ -182,10 +182,10 @@ def arch_config(config: str) -> ArchConfig:
 def learned_layer(cfg: ArchConfig, in_channels: int, out_channels: int, kernel: Sequence[int], zero_init: bool = False):
     """A conv ([kh, kw]) or linear ([]) layer as config `cfg` builds it."""
     if cfg.weight_norm == 'forced':
-        return MPConv(in_channels, out_channels, kernel)  # G passes no `forced`: reference init kwargs
+        return MPConv(in_channels, out_channels, kernel=kernel)  # G passes no `forced`: reference init kwargs
     from training import networks  # B, C reuse EDM's layers; imported on use (see the top of the file)
     if cfg.weight_norm == 'standard':
-        return MPConv(in_channels, out_channels, kernel, forced=False)
+        return MPConv(in_channels, out_channels, kernel=kernel, forced=False)
     # B: ADM init (uniform, PyTorch-default scale) with biases; C: unit-variance Kaiming, no biases.
     if cfg.adm_layers:
         init = dict(init_mode='kaiming_uniform', init_weight=np.sqrt(1 / 3), init_bias=np.sqrt(1 / 3))

@@ -49,7 +49,7 @@ class TrainConfig:
     P_std:              Optional[float]         = None      # Std of log sigma in training; None = loss default.
     sigma_data:         float                   = 0.5       # Standard deviation of the training data.
     stf:                bool                    = False     # Use the Stable Target Field loss.
-    rbatch:             Optional[int]           = None      # STF reference batch per step; None = 4 x batch_size.
+    rbatch:             Optional[int]           = None      # STF reference batch per GPU, its training images included; None = 4096 (STF fork).
     augment:            float                   = 0.12      # Augmentation probability; 0 = off (EDM only).
     xflip:              bool                    = False     # Double the dataset with x-flips.
     # Optimisation.
@@ -170,6 +170,7 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 DEFAULT_PRESET = 'edm-cifar10-32x32-uncond-vp'
+STF_RBATCH = 4096   # --rbatch default of the STF fork (Newbeeer/stf train.py).
 
 from training.presets_ddpm import DDPM_PRESETS, resolve_ddpm, validate_ddpm  # noqa: E402  (needs TrainConfig)
 
@@ -211,7 +212,7 @@ def _resolve(cfg: TrainConfig, overrides: dict) -> TrainConfig:
     fill = {k: v for k, v in arch_defaults.items() if getattr(cfg, k) is None}
     cfg = replace(cfg, **fill)
     if cfg.stf and cfg.rbatch is None:
-        cfg = replace(cfg, rbatch=4 * cfg.batch_size)
+        cfg = replace(cfg, rbatch=STF_RBATCH)
     return cfg
 
 
@@ -242,9 +243,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f'--seed={cfg.seed} must be >= 0')
     if cfg.batch_gpu is not None and cfg.batch_gpu <= 0:
         raise ValueError(f'--batch-gpu={cfg.batch_gpu} must be positive')
-    if cfg.stf and cfg.rbatch < cfg.batch_size:
-        raise ValueError(f'--rbatch={cfg.rbatch} must be at least --batch={cfg.batch_size}: '
-                         f'the reference batch includes the training batch')
+    if cfg.stf and cfg.rbatch < 1:
+        raise ValueError(f'--rbatch={cfg.rbatch} must be at least 1')
     if not 0 <= cfg.augment <= 1 or not 0 <= cfg.dropout <= 1:
         raise ValueError(f'--augment={cfg.augment} and --dropout={cfg.dropout} must lie in [0, 1]')
 
@@ -257,6 +257,10 @@ def check_batch(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
             or batch_gpu_total % batch_gpu != 0:
         raise ValueError(f'--batch={cfg.batch_size} is not divisible by {world_size} GPUs x '
                          f'--batch-gpu={cfg.batch_gpu if cfg.batch_gpu is not None else batch_gpu_total}')
+    if cfg.stf and cfg.rbatch < batch_gpu_total:
+        raise ValueError(f'--rbatch={cfg.rbatch} is smaller than the {batch_gpu_total} training images per GPU '
+                         f'(--batch={cfg.batch_size} on {world_size} GPUs); the reference batch of each GPU includes '
+                         f'its training images, so use --rbatch>={batch_gpu_total}')
     return batch_gpu, batch_gpu_total // batch_gpu
 
 

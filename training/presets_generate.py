@@ -38,6 +38,8 @@ class GenerateConfig:
     gnet:           Optional[str]   = None      # Guiding network pickle; None = no guidance.
     guidance:       Optional[float] = None      # Guidance weight; None or 1 = no guidance.
     trust_pickle:   bool            = False     # Allow pickles that run their embedded code.
+    ckpt:           int             = 0         # net None: first training state of --outdir to sample (kimg).
+    end_ckpt:       Optional[int]   = None      # net None: last training state to sample (kimg); None = newest.
     # Output.
     outdir:         Optional[str]   = None      # Folder for SEED.png files; None = write none.
     subdirs:        bool            = False     # One subfolder per 1000 seeds.
@@ -191,10 +193,16 @@ def build_config(preset: str | None = None, **overrides) -> GenerateConfig:
         raise TypeError(f'build_config got unknown options {sorted(unknown)}')
     cfg = replace(PRESETS[preset] if preset else GenerateConfig(), **{k: v for k, v in overrides.items() if v is not None})
 
-    if cfg.net is None:
-        raise ValueError('no network: give --net (or --network) PKL|URL, or a --preset')
+    if cfg.net is None and cfg.outdir is None:
+        raise ValueError('no network: give --net (or --network) PKL|URL, a --preset, or --outdir=RUN_DIR to sample '
+                         'every training-state-*.pt of a run (STF fork)')
+    if cfg.net is None and cfg.grid is not None:
+        raise ValueError(f'--grid={cfg.grid} needs one network: give --net PKL|URL (sampling every training state '
+                         f'of --outdir writes one folder per state)')
     if cfg.outdir is None and cfg.grid is None:
         raise ValueError('nowhere to write: give --outdir DIR and/or --grid PNG')
+    if cfg.ckpt < 0 or (cfg.end_ckpt is not None and cfg.end_ckpt < cfg.ckpt):
+        raise ValueError(f'--ckpt={cfg.ckpt} --end_ckpt={cfg.end_ckpt}: give a kimg range with 0 <= --ckpt <= --end_ckpt')
     if cfg.guidance is None or cfg.guidance == 1:
         cfg = replace(cfg, guidance=None, gnet=None)  # No guidance: the guiding network is not even loaded.
     elif cfg.gnet is None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import dnnlib
+from torch_utils import misc
 from torch_utils import persistence
 from torch_utils import training_stats
 
@@ -27,6 +28,11 @@ def learning_rate_schedule(cur_nimg, batch_size, ref_lr=100e-4, ref_batches=70e3
     if rampup_Mimg > 0:
         lr *= min(cur_nimg / (rampup_Mimg * 1e6), 1)
     return lr
+
+
+def step_seed(seed: int, rank: int, cur_nimg: int) -> int:
+    """RNG seed of one training step, a pure function of (seed, rank, cur_nimg)."""
+    return int(np.random.SeedSequence([seed, rank, cur_nimg]).generate_state(1)[0])
 
 
 class Recipe:
@@ -64,6 +70,15 @@ class Recipe:
     def make_encoder(self, dataset):
         """(encoder, encoder_kwargs) mapping dataset pixels to model space; (None, None) = [-1, 1] pixels."""
         return None, None
+
+    def seed_rng(self, rank: int, cur_nimg: int | None = None) -> None:
+        """Reseed before the network is built (cur_nimg None) or before the step at cur_nimg: SeedSequence of (seed, rank, cur_nimg)."""
+        torch.manual_seed(step_seed(self.cfg.seed, rank, cur_nimg or 0))
+
+    def data_sampler(self, dataset, rank: int, world: int, start_idx: int) -> torch.utils.data.Sampler:
+        """Training data order from image start_idx on: a fresh (seed, epoch) permutation per epoch."""
+        return misc.InfiniteSampler(dataset=dataset, rank=rank, num_replicas=world, seed=self.cfg.seed,
+                                    window_size=None, start_idx=start_idx)
 
     def make_ema(self, net):
         """The EMA tracker of the network being trained."""
@@ -141,6 +156,15 @@ class EDM2Recipe(Recipe):
                              f'(EDM2 needs 3 for RGB or 8 for VAE latents)')
         kwargs = dnnlib.EasyDict(class_name=names[dataset.num_channels])
         return dnnlib.util.construct_class_by_name(**kwargs), kwargs
+
+    def seed_rng(self, rank: int, cur_nimg: int | None = None) -> None:
+        # EDM2: set_random_seed(seed, rank) before building the network, (seed, rank, cur_nimg) before each step.
+        misc.set_random_seed(self.cfg.seed, rank) if cur_nimg is None else misc.set_random_seed(self.cfg.seed, rank, cur_nimg)
+
+    def data_sampler(self, dataset, rank: int, world: int, start_idx: int) -> torch.utils.data.Sampler:
+        # EDM2's order: per-epoch permutation by hash((seed, epoch)), rank r from start_idx + r.
+        return misc.EDM2InfiniteSampler(dataset=dataset, rank=rank, num_replicas=world, seed=self.cfg.seed,
+                                        start_idx=start_idx)
 
     def make_ema(self, net):
         from training.phema import PowerFunctionEMA

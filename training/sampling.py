@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import inspect
 import os
+import re
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -176,9 +177,17 @@ def vp_sigma_inv(beta_d, beta_min):
     return lambda sigma: ((beta_min ** 2 + 2 * beta_d * (sigma ** 2 + 1).log()).sqrt() - beta_min) / beta_d
 
 
+VP_BETA_D, VP_BETA_MIN = 19.9, 0.1     # VP SDE of Song et al. (EDM Table 1), the constants of VPPrecond/VPLoss.
+
+
 def default_sigma_range(discretization: str, sigma_min=None, sigma_max=None, epsilon_s=1e-3):
-    """Noise range each discretization of EDM Table 1 uses unless told otherwise."""
-    vp_reference = vp_sigma(beta_d=19.1, beta_min=0.1)
+    """Noise range each discretization of EDM Table 1 uses unless told otherwise.
+
+    VP spans sigma(epsilon_s)..sigma(1) of the VP SDE with beta_d = 19.9, beta_min = 0.1 (sigma_max 152.2).
+    NVlabs/edm's generate.py writes beta_d = 19.1 here (NVlabs/edm issue 5; sigma_max 124.6); pass
+    --sigma_min=0.010467 --sigma_max=124.58 to reproduce that script exactly.
+    """
+    vp_reference = vp_sigma(beta_d=VP_BETA_D, beta_min=VP_BETA_MIN)
     if sigma_min is None:
         sigma_min = {'vp': vp_reference(epsilon_s), 've': 0.02, 'iddpm': 0.002, 'edm': 0.002}[discretization]
     if sigma_max is None:
@@ -457,22 +466,45 @@ def check_sampler_kwargs(fn: Callable, kwargs: dict, name: str = None) -> None:
 # Loading networks and turning samples into images.
 
 def load_network(source, trust: bool = False, device: torch.device | None = None):
-    """(ema net, encoder or None) from a snapshot pickle path/URL, read with the safe loader unless `trust`."""
+    """(ema net, encoder or None) from a path/URL, read with the safe loader unless `trust`: a network
+    snapshot pickle, a training-state-*.pt of this project, or the STF fork's training states
+    (training-state-*.pt from torch.save, or *.pkl, holding the ema and net modules, optimizer_state, step)."""
     from torch_utils import persistence
-    data = persistence.load_pickle(source, trust=trust)
+    data = persistence.load_file(source, trust=trust)
     if isinstance(data, torch.nn.Module):
         net, encoder = data, None
     elif isinstance(data, dict) and isinstance(data.get('ema'), torch.nn.Module):
         net, encoder = data['ema'], data.get('encoder', None)
+    elif isinstance(data, dict) and 'format_version' in data and 'ema' in data:
+        net, encoder = network_from_training_state(data, source), None
     else:
-        raise ValueError(f'{source}: expected a network snapshot pickle holding an "ema" network')
+        raise ValueError(f'{source}: expected a network snapshot pickle or training state holding an "ema" network')
     net = net.eval().requires_grad_(False)
     return (net.to(device) if device is not None else net), encoder
 
 
 def is_ddpm_checkpoint(source: str) -> bool:
-    """A DDPM checkpoint (ddpm-torch layout, torch.save'd .pt) rather than a network snapshot pickle."""
-    return str(source).endswith('.pt')
+    """A DDPM checkpoint (ddpm-torch layout, torch.save'd .pt) rather than a network snapshot pickle or a
+    training-state-*.pt (ours or the STF fork's, read by load_network)."""
+    name = os.path.basename(str(source))
+    return name.endswith('.pt') and not name.startswith('training-state-')
+
+
+def network_from_training_state(state: dict, source='training state') -> torch.nn.Module:
+    """The EMA network of one of our training-state-*.pt files, built from its recorded constructor kwargs."""
+    from torch_utils import persistence
+    kwargs = dict(state.get('network_kwargs') or {})
+    class_name = str(kwargs.pop('class_name', ''))
+    cls = persistence.find_class(class_name.rsplit('.', 1)[-1])
+    if cls is None or not class_name.startswith('training.'):  # only this project's persistent classes
+        raise ValueError(f'{source}: this training state records no known network class ({class_name or "none"}); '
+                         f'it predates generation from training states: use the network-snapshot-*.pkl of the same kimg')
+    if not isinstance(state['ema'], dict) or 'emas' in state['ema']:
+        raise ValueError(f'{source}: an EDM2 training state holds one EMA per profile; generate from its '
+                         f'network-snapshot-*-<std>.pkl files or reconstruct_phema.py output instead')
+    net = cls(**kwargs)
+    net.load_state_dict(state['ema'])
+    return net
 
 
 def decode_images(x: torch.Tensor, encoder=None) -> torch.Tensor:
@@ -713,10 +745,45 @@ def _load_networks(cfg, device):
     return net, gnet, encoder
 
 
+def list_training_states(run_dir: str, ckpt: int = 0, end_ckpt: int | None = None) -> list[tuple[int, str]]:
+    """(kimg, path) of each training-state-<kimg>.pt (or the STF fork's .pkl) in run_dir with ckpt <= kimg <= end_ckpt, oldest first."""
+    found = {}
+    for entry in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
+        m = re.fullmatch(r'training-state-(\d+)\.(pt|pkl)', entry)
+        if m and ckpt <= int(m.group(1)) <= (end_ckpt if end_ckpt is not None else float('inf')):
+            if int(m.group(1)) not in found or m.group(2) == 'pt':  # .pt wins over a .pkl of the same kimg
+                found[int(m.group(1))] = os.path.join(run_dir, entry)
+    return sorted(found.items())
+
+
+def checkpoint_folder(kimg: int, seeds: Sequence[int]) -> str:
+    """ckpt_<kimg> for seeds up to 49999, ckpt_2_<kimg> up to 99999, else ckpt_3_<kimg> (STF fork generate.py / fid.py --gen_seed)."""
+    prefix = 'ckpt_' if max(seeds) <= 49999 else 'ckpt_2_' if max(seeds) <= 99999 else 'ckpt_3_'
+    return f'{prefix}{kimg:06d}'
+
+
+def generate_per_checkpoint(cfg) -> list[str]:
+    """Images of every training state in cfg.outdir (STF fork): <outdir>/ckpt_<kimg>/<seed // 1000>/<seed>.png each."""
+    from torch_utils import distributed as dist
+    states = list_training_states(cfg.outdir, cfg.ckpt, cfg.end_ckpt)
+    if not states:
+        raise ValueError(f'--outdir={cfg.outdir} holds no training-state-*.pt with kimg in [{cfg.ckpt}, '
+                         f'{cfg.end_ckpt if cfg.end_ckpt is not None else "newest"}]: give --network=PKL, or the run folder of a training run')
+    folders = []
+    for kimg, path in states:
+        folders.append(os.path.join(cfg.outdir, checkpoint_folder(kimg, cfg.seeds)))
+        dist.print0(f'Checkpoint {kimg} kimg -> {folders[-1]}')
+        generate_from_config(dataclasses.replace(cfg, net=path, outdir=folders[-1], subdirs=True))
+    return folders
+
+
 def generate_from_config(cfg) -> None:
     """Run a resolved `GenerateConfig` (training.presets_generate) on all ranks of this process group."""
     import tqdm
     from torch_utils import distributed as dist, misc
+    if cfg.net is None:
+        generate_per_checkpoint(cfg)
+        return
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = dist.device_for_rank(misc.choose_device(cfg.device))
     seeds = pending_seeds(cfg.seeds, cfg.outdir, cfg.subdirs)  # Before any rank writes.

@@ -16,7 +16,6 @@ import re
 import sys
 import time
 
-import numpy as np
 import psutil
 import torch
 
@@ -31,6 +30,7 @@ from training.loss import EDM2Loss  # noqa: F401  (reference pickles name traini
 from training.presets import TrainConfig, check_batch, to_json
 from training.recipes import learning_rate_schedule  # noqa: F401  (public name of this module)
 from training.recipes import make_recipe
+from training.recipes import step_seed  # noqa: F401  (public name of this module)
 
 STATE_FORMAT_VERSION = 1
 logger = logging.getLogger('edm.training')
@@ -38,14 +38,6 @@ logger = logging.getLogger('edm.training')
 
 class NonFiniteLossError(dnnlib.util.UserError):
     """The training loss became NaN or Inf."""
-
-#----------------------------------------------------------------------------
-# Schedules and seeds.
-
-
-def step_seed(seed: int, rank: int, cur_nimg: int) -> int:
-    """RNG seed of one training step, a pure function of (seed, rank, cur_nimg)."""
-    return int(np.random.SeedSequence([seed, rank, cur_nimg]).generate_state(1)[0])
 
 #----------------------------------------------------------------------------
 # Reference-format keyword dicts (written to training_options.json).
@@ -152,9 +144,9 @@ def resolve_epochs(cfg: TrainConfig, dataset) -> TrainConfig:
     return dataclasses.replace(cfg, total_nimg=int(round(cfg.epochs * (images // cfg.batch_size))) * cfg.batch_size)
 
 
-def _init_runtime(cfg: TrainConfig, device: torch.device) -> None:
+def _init_runtime(cfg: TrainConfig, device: torch.device, recipe) -> None:
     """Seeds, TF32 policy (off, as in the references) and determinism."""
-    torch.manual_seed(step_seed(cfg.seed, dist.get_rank(), 0))
+    recipe.seed_rng(dist.get_rank())
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and not cfg.deterministic
@@ -189,13 +181,13 @@ def _write_json(path: str, data) -> None:
 def setup(cfg: TrainConfig, run_dir: str, device: torch.device) -> dnnlib.EasyDict:
     """Everything the loop needs, in an EasyDict: data, networks, optimizer, EMA, restored state."""
     ctx = dnnlib.EasyDict(cfg=cfg, run_dir=run_dir, device=device, rank=dist.get_rank(), world=dist.get_world_size())
-    ctx.batch_gpu, ctx.rounds = check_batch(cfg, ctx.world)
-    if cfg.stf and cfg.rbatch // ctx.world < cfg.batch_size // ctx.world:
-        raise ValueError(f'--rbatch={cfg.rbatch} must be at least --batch={cfg.batch_size}')
-    _init_runtime(cfg, device)
-    ctx.dataset, ctx.dataset_kwargs = open_dataset(cfg)
-    ctx.cfg = cfg = resolve_epochs(cfg, ctx.dataset)
     ctx.recipe = make_recipe(cfg)
+    ctx.batch_gpu, ctx.rounds = check_batch(cfg, ctx.world)
+    _init_runtime(cfg, device, ctx.recipe)
+    ctx.dataset, ctx.dataset_kwargs = open_dataset(cfg)
+    if cfg.epochs is not None:  # --epochs fixes total_nimg only once the dataset size is known
+        ctx.cfg = cfg = resolve_epochs(cfg, ctx.dataset)
+        ctx.recipe = make_recipe(cfg)
     ctx.encoder, ctx.encoder_kwargs = ctx.recipe.make_encoder(ctx.dataset)
     if ctx.rank == 0:
         os.makedirs(run_dir, exist_ok=True)
@@ -224,7 +216,8 @@ def _build_modules(ctx) -> None:
         image = ctx.encoder.encode_latents(image)
     interface = dict(img_resolution=image.shape[-1], img_channels=image.shape[1], label_dim=ctx.dataset.label_dim)
     ctx.network_kwargs = ctx.recipe.network_kwargs(interface)
-    net = dnnlib.util.construct_class_by_name(**ctx.network_kwargs, **ctx.recipe.network_interface(interface))
+    ctx.network_interface = ctx.recipe.network_interface(interface)
+    net = dnnlib.util.construct_class_by_name(**ctx.network_kwargs, **ctx.network_interface)
     net.train().requires_grad_(True).to(device)
     if cfg.channels_last:  # data stays NCHW, so randn_like draws the same noise as the reference
         net.to(memory_format=torch.channels_last)
@@ -288,18 +281,19 @@ def _restore(ctx) -> str | None:
 def _make_iterators(ctx) -> None:
     """Data iterators that start at cur_nimg (and, for STF, the extra reference images)."""
     cfg = ctx.cfg
-    def loader(seed, start_idx, batch):
-        sampler = misc.InfiniteSampler(dataset=ctx.dataset, rank=ctx.rank, num_replicas=ctx.world, seed=seed,
-                                       window_size=None, start_idx=start_idx)
+    def loader(sampler, batch):
         return iter(torch.utils.data.DataLoader(
             dataset=ctx.dataset, sampler=sampler, batch_size=batch, num_workers=cfg.workers,
             pin_memory=(ctx.device.type == 'cuda'), prefetch_factor=(2 if cfg.workers > 0 else None)))
-    ctx.data_iter = loader(cfg.seed, ctx.cur_nimg, ctx.batch_gpu)
-    ctx.ref_extra = (cfg.rbatch // ctx.world - ctx.batch_gpu * ctx.rounds) if cfg.stf else 0
+    ctx.data_iter = loader(ctx.recipe.data_sampler(ctx.dataset, ctx.rank, ctx.world, ctx.cur_nimg), ctx.batch_gpu)
+    # STF fork: --rbatch reference images per GPU, that GPU's training images included.
+    ctx.ref_extra = (cfg.rbatch - ctx.batch_gpu * ctx.rounds) if cfg.stf else 0
     ctx.ref_iter = None
     if ctx.ref_extra > 0:
         steps_done = ctx.cur_nimg // cfg.batch_size
-        ctx.ref_iter = loader(cfg.seed + 1, steps_done * ctx.ref_extra * ctx.world, ctx.ref_extra)
+        sampler = misc.InfiniteSampler(dataset=ctx.dataset, rank=ctx.rank, num_replicas=ctx.world, seed=cfg.seed + 1,
+                                       window_size=None, start_idx=steps_done * ctx.ref_extra * ctx.world)
+        ctx.ref_iter = loader(sampler, ctx.ref_extra)
 
 #----------------------------------------------------------------------------
 # One optimizer step.
@@ -316,7 +310,7 @@ def _to_model_space(ctx, images):
 def train_step(ctx) -> None:
     """Accumulate gradients over rounds (no_sync until the last), then update weights and EMA."""
     cfg = ctx.cfg
-    torch.manual_seed(step_seed(cfg.seed, ctx.rank, ctx.cur_nimg))
+    ctx.recipe.seed_rng(ctx.rank, ctx.cur_nimg)
     ctx.optimizer.zero_grad(set_to_none=True)
     batches = [next(ctx.data_iter) for _ in range(ctx.rounds)]
     batches = [(_to_model_space(ctx, images), labels.to(ctx.device)) for images, labels in batches]
@@ -444,7 +438,7 @@ def save_checkpoint(ctx) -> str | None:
         return None
     state = dict(format_version=STATE_FORMAT_VERSION, cur_nimg=ctx.cur_nimg, total_elapsed_time=ctx.total_elapsed_time,
                  net=ctx.net.state_dict(), ema=ctx.ema.state_dict(), optimizer=ctx.optimizer.state_dict(),
-                 config=to_json(ctx.cfg))
+                 config=to_json(ctx.cfg), network_kwargs=dict(ctx.network_kwargs, **ctx.network_interface))
     path = os.path.join(ctx.run_dir, f'training-state-{ctx.recipe.kimg_name(ctx.cur_nimg)}.pt')
     with dnnlib.util.atomic_write(path, 'wb') as f:
         torch.save(state, f)
