@@ -141,6 +141,8 @@ _worker_failure = None
 def defer_worker_failures() -> None:
     """torch raises a dead DataLoader worker from its SIGCHLD handler, at any point of the main process
     (even mid-checkpoint). Record it instead: the next batch fetch raises it, before any state changes."""
+    global _worker_failure
+    _worker_failure = None
     handler = signal.getsignal(signal.SIGCHLD) if hasattr(signal, 'SIGCHLD') else None
     if not callable(handler) or getattr(handler, '_defers_worker_failures', False):
         return
