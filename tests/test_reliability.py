@@ -2,6 +2,7 @@
 group, one-line errors for file-system faults, no stale temporary files, bad --resume files,
 dataset_tool input checks, and reconstruct_phema's warning for snapshots of different runs."""
 
+import dataclasses
 import errno
 import io
 import json
@@ -227,6 +228,13 @@ def test_train_on_a_full_disk_is_one_line_and_keeps_written_files(data8, trained
     assert not [f for f in os.listdir(run_dir) if f.endswith('.tmp')]
     assert torch.load(run_dir / 'training-state-000000.pt', weights_only=True)['cur_nimg'] == 64  # still loadable
     json.loads((run_dir / 'run_config.json').read_text())
+    # The training state itself: torch.save reports the failed write as 'unexpected pos'.
+    monkeypatch.setattr(os, 'fdopen', _FullDisk(free=100_000))
+    cfg = dataclasses.replace(build_config('tiny-edm', data=data8, total_nimg=96), snapshot_nimg=None)
+    with pytest.raises(dnnlib.util.WriteError, match=r'^no space left on device while writing .*training-state-000000.pt$'):
+        tl.training_loop(cfg, str(run_dir), torch.device('cpu'))
+    monkeypatch.undo()
+    assert torch.load(run_dir / 'training-state-000000.pt', weights_only=True)['cur_nimg'] == 64
 
 
 def test_outdir_that_is_a_file(data8, tmp_path):
