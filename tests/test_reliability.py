@@ -173,6 +173,34 @@ def test_stop_with_a_dead_worker_still_checkpoints(data8, tmp_path, monkeypatch)
     assert result.stopped and result.cur_nimg == 32
     assert torch.load(tl.find_latest_state(str(tmp_path)), weights_only=True)['cur_nimg'] == 32
 
+@pytest.mark.parametrize('stop', [True, False])
+def test_lost_worker_saves_the_state_before_the_step(data8, tmp_path, monkeypatch, stop):
+    # When the next batch reveals a dead worker, nothing of the step has happened yet: the state saved
+    # is the one before it; a stop request makes that a clean exit, else one error line.
+    real_make_iterators = tl._make_iterators
+    def failing_third_batch(ctx):
+        real_make_iterators(ctx)
+        real_iter = ctx.data_iter
+        def batches():
+            for _ in range(2):
+                yield next(real_iter)
+            dist.request_stop(stop)
+            raise RuntimeError('DataLoader worker (pid(s) 12345) exited unexpectedly')
+        ctx.data_iter = batches()
+    monkeypatch.setattr(tl, '_make_iterators', failing_third_batch)
+    cfg = build_config('tiny-edm', data=data8, batch_size=16, total_nimg=1024, status_nimg=None, checkpoint_nimg=None)
+    try:
+        if stop:
+            result = tl.training_loop(cfg, str(tmp_path), torch.device('cpu'))
+            assert result.stopped and result.cur_nimg == 32
+        else:
+            with pytest.raises(tl.DataLoaderWorkerError, match=r'^DataLoader worker \(pid\(s\) 12345\) exited unexpectedly; '
+                                                               r'saved .*training-state-000000.pt; rerun the same command'):
+                tl.training_loop(cfg, str(tmp_path), torch.device('cpu'))
+    finally:
+        dist.request_stop(False)
+    assert torch.load(tl.find_latest_state(str(tmp_path)), weights_only=True)['cur_nimg'] == 32
+
 #----------------------------------------------------------------------------
 # 3. File-system faults: one line naming the path and the cause, exit code != 0.
 

@@ -269,8 +269,7 @@ def find_latest_state(run_dir: str) -> str | None:
 def _restore(ctx) -> str | None:
     """Resume from the newest state in the run dir, else --resume, else --transfer weights."""
     cfg = ctx.cfg
-    newest = find_latest_state(ctx.run_dir)
-    path = newest or cfg.resume
+    path = find_latest_state(ctx.run_dir) or cfg.resume
     if path is not None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f'--resume={path}: no such training state')
