@@ -113,8 +113,8 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
 #----------------------------------------------------------------------------
 # Atomic writes: nothing a user made is ever half-written.
 
-# Temporary names of atomic_write (mkstemp: 8 characters) and of pid-named writers; a rerun deletes them.
-_TEMP_NAME = re.compile(r'(?P<target>.+)\.(?:[a-z0-9_]{8}|\d+)\.tmp')
+# Temporary names: atomic_write's mkstemp adds 8 characters, pid-named writers the pid.
+_TEMP_SUFFIX = r'\.(?:[a-z0-9_]{8}|\d+)\.tmp'
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = 'wb') -> Iterator[io.IOBase]:
@@ -136,15 +136,16 @@ def atomic_write(path: str | os.PathLike, mode: str = 'wb') -> Iterator[io.IOBas
                 os.remove(tmp)
             raise
 
-def remove_stale_temp_files(folder: str | os.PathLike, prefix: str = '', min_age_s: float = 0) -> list[str]:
-    """Delete temporary files that interrupted atomic writes left in `folder` (names starting with `prefix`)."""
+def remove_stale_temp_files(folder: str | os.PathLike, targets: str = r'.+', min_age_s: float = 0) -> list[str]:
+    """Delete the temporary files that interrupted atomic writes of files named like the regex `targets`
+    left in `folder`; `min_age_s` spares ones that another process may be writing right now."""
     removed = []
     if not os.path.isdir(folder):
         return removed
-    now = time.time()
+    pattern, now = re.compile(f'(?:{targets}){_TEMP_SUFFIX}'), time.time()
     with os.scandir(folder) as entries:
         for entry in entries:
-            if not (entry.name.startswith(prefix) and _TEMP_NAME.fullmatch(entry.name)):
+            if not pattern.fullmatch(entry.name):
                 continue
             with contextlib.suppress(OSError):  # gone already, or not ours to delete: leave it
                 if entry.is_file(follow_symlinks=False) and now - entry.stat().st_mtime >= min_age_s:

@@ -317,12 +317,13 @@ def _tiny_net():
 
 
 def test_rerun_removes_stale_temp_files(data8, tmp_path):
-    for name in ['training-state-000064.pt.k3j_x9a2.tmp', 'network-snapshot-000064.pkl.ab12cd34.tmp', 'log.txt.123.tmp']:
+    for name in ['training-state-000064.pt.k3j_x9a2.tmp', 'network-snapshot-000064.pkl.ab12cd34.tmp',
+                 'training_options.json.0a1b2c3d.tmp']:
         (tmp_path / name).write_bytes(b'half-written')
-    (tmp_path / 'notes.tmp').write_text('the user\'s own')
-    (tmp_path / 'my.data.tmp').write_text('the user\'s own')
+    for name in ['notes.tmp', 'my.data.tmp', 'notes.txt.12345678.tmp']:
+        (tmp_path / name).write_text('the user\'s own')
     tl.training_loop(build_config('tiny-edm', data=data8, total_nimg=32), str(tmp_path), torch.device('cpu'))
-    assert sorted(f for f in os.listdir(tmp_path) if f.endswith('.tmp')) == ['my.data.tmp', 'notes.tmp']
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith('.tmp')) == ['my.data.tmp', 'notes.tmp', 'notes.txt.12345678.tmp']
     assert 'Removed 3 temporary file(s)' in (tmp_path / 'log.txt').read_text()
 
 

@@ -421,7 +421,7 @@ class _Reconstruction:
             from torch_utils import persistence
             with dnnlib.util.writing(self.out_dir):
                 os.makedirs(self.out_dir, exist_ok=True)
-            dnnlib.util.remove_stale_temp_files(self.out_dir, prefix=os.path.basename(out.pkl_path) + '.')
+            dnnlib.util.remove_stale_temp_files(self.out_dir, targets=re.escape(os.path.basename(out.pkl_path)))
             persistence.save_pickle(out.pkl_data, out.pkl_path)
 
 

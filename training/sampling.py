@@ -708,9 +708,9 @@ def _prepare_outputs(cfg) -> None:
             os.makedirs(cfg.outdir, exist_ok=True)
         folders = [cfg.outdir] + [e.path for e in os.scandir(cfg.outdir) if e.is_dir() and re.fullmatch(r'\d{6}', e.name)]
         for folder in folders:  # min_age_s: another generate.py may be writing into the same --outdir now
-            dnnlib.util.remove_stale_temp_files(folder, min_age_s=600)
+            dnnlib.util.remove_stale_temp_files(folder, targets=r'\d{6}\.png', min_age_s=600)
     if cfg.grid is not None:
-        dnnlib.util.remove_stale_temp_files(os.path.dirname(os.path.abspath(cfg.grid)), prefix=os.path.basename(cfg.grid) + '.')
+        dnnlib.util.remove_stale_temp_files(os.path.dirname(os.path.abspath(cfg.grid)), targets=re.escape(os.path.basename(cfg.grid)))
 
 
 def generate_from_config(cfg) -> None:

@@ -191,6 +191,9 @@ def _write_json(path: str, data) -> None:
         json.dump(data, f, indent=2)
 
 
+_RUN_FILES = r'training-state-\d+\.pt|network-snapshot-[\w.-]+\.pkl|[\w-]+\.json'  # what atomic writes put in run_dir
+
+
 def setup(cfg: TrainConfig, run_dir: str, device: torch.device) -> dnnlib.EasyDict:
     """Everything the loop needs, in an EasyDict: data, networks, optimizer, EMA, restored state."""
     ctx = dnnlib.EasyDict(cfg=cfg, run_dir=run_dir, device=device, rank=dist.get_rank(), world=dist.get_world_size())
@@ -205,7 +208,7 @@ def setup(cfg: TrainConfig, run_dir: str, device: torch.device) -> dnnlib.EasyDi
     if ctx.rank == 0:
         with dnnlib.util.writing(run_dir):
             os.makedirs(run_dir, exist_ok=True)
-        stale = dnnlib.util.remove_stale_temp_files(run_dir)  # left by writes that a kill interrupted
+        stale = dnnlib.util.remove_stale_temp_files(run_dir, targets=_RUN_FILES)  # left by writes that a kill interrupted
     dist.barrier()
     _init_logging(run_dir)
     if stale:
