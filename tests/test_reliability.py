@@ -4,9 +4,9 @@ dataset_tool input checks, and reconstruct_phema's warning for snapshots of diff
 
 import dataclasses
 import errno
-import io
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -103,6 +103,19 @@ def test_crafted_training_state_runs_no_code_unless_trusted(trained_state, data8
     assert result.exit_code == 0, result.output
     assert marker.exists()  # the user's explicit choice
     assert torch.load(tl.find_latest_state(str(run_dir)), weights_only=True)['cur_nimg'] == 96
+
+
+class Unknown(torch.nn.Module):
+    """A module class the safe loader does not know."""
+
+
+def test_transfer_names_the_opt_in_that_train_py_has(data8, tmp_path):
+    with open(tmp_path / 'other.pkl', 'wb') as f:
+        pickle.dump({'ema': Unknown()}, f)
+    args = [f'--data={data8}', f'--transfer={tmp_path / "other.pkl"}', '--duration=0.000032']
+    assert '--trust-pickle' in error_line(run_train(*args, f'--outdir={tmp_path / "a"}'))
+    result = run_train(*args, f'--outdir={tmp_path / "b"}', '--trust-pickle')
+    assert result.exit_code == 0, result.output
 
 
 def test_training_states_load_with_weights_only(trained_state, tmp_path):
