@@ -127,6 +127,7 @@ def test_training_states_load_with_weights_only(trained_state, tmp_path):
     torch.save(state, tmp_path / 'old.pt')
     assert persistence.load_torch_file(tmp_path / 'old.pt')['optimizer']['param_groups'][0]['lr'] == 0.01
 
+
 def test_reference_state_with_an_embedded_network_loads_through_the_safe_loader(tmp_path):
     # EDM's train.py saves training-state-*.pt as dict(net=<persistent module>, optimizer_state=...).
     net = _tiny_net()
