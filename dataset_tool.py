@@ -40,6 +40,7 @@ def _convert_options(fn):
         click.option('--workers',    help='Processes for decoding/encoding  [default: one per core]', metavar='INT', type=click.IntRange(min=1)),
         click.option('--ddpm-dataset', help='Prepare as tqch/ddpm-torch does: ' + ', '.join(DDPM_DATASETS), metavar='NAME',
                      type=click.Choice(DDPM_DATASETS)),
+        click.option('--force',      help='Replace an existing --dest (a .zip, or a folder with a dataset.json)', is_flag=True),
     ]
     for opt in reversed(opts):
         fn = opt(fn)

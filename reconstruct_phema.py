@@ -2,6 +2,7 @@
 (EDM2 Sec. 3.2). The math lives in training/phema.py; this script only parses options."""
 
 import os
+import warnings
 
 import click
 import tqdm
@@ -71,6 +72,7 @@ def cmdline(in_dir, in_prefix, in_std, out_kimg, plot_path, **opts):
         raise click.ClickException('Distributed execution is not supported; run reconstruct_phema.py without torchrun')
     out_nimg = phema.kimg_to_nimg(out_kimg) if out_kimg is not None else None
     in_pkls = _list_inputs(in_dir, in_prefix, in_std, opts['out_prefix'])
+    warnings.formatwarning = lambda message, *_args, **_kwargs: f'Warning: {message}\n'  # e.g. inputs of two runs
     rec = phema.reconstruct_phema(in_pkls=in_pkls, out_nimg=out_nimg, **opts)
     for _step in tqdm.tqdm(rec, unit='step'):
         pass

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import importlib
 import io
 import os
 import re
+import shutil
 import sys
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 from typing import Any, Callable, Iterator
@@ -53,26 +56,102 @@ def cli_errors(fn: Callable) -> Callable:
     return wrapper
 
 #----------------------------------------------------------------------------
+# File-system faults: one line that names the path and the cause.
+
+class WriteError(UserError):
+    """A file or folder could not be written (disk full, read-only file system, a file in the way, ...)."""
+
+_WRITE_CAUSES = {
+    errno.ENOSPC:       'no space left on device',
+    errno.EDQUOT:       'disk quota exceeded',
+    errno.EROFS:        'read-only file system',
+    errno.EACCES:       'permission denied',
+    errno.EPERM:        'operation not permitted',
+    errno.EEXIST:       'a file is in the way (expected a folder)',
+    errno.ENOTDIR:      'a file is in the way (expected a folder)',
+    errno.EISDIR:       'a folder is in the way (expected a file)',
+    errno.ENAMETOOLONG: 'file name too long',
+    errno.EFBIG:        'file too large for this file system',
+    errno.EIO:          'input/output error (failing disk or network file system?)',
+}
+
+def _torch_writer_failure(err: BaseException) -> bool:
+    """torch.save's zip writer reports a failed write as RuntimeError('... unexpected pos ...')."""
+    text = str(err)
+    return isinstance(err, RuntimeError) and ('unexpected pos' in text or 'PytorchStreamWriter failed' in text
+                                              or 'file write failed' in text)
+
+def write_error(err: BaseException, path: str | os.PathLike) -> WriteError | None:
+    """WriteError('CAUSE while writing PATH') for a file-system error (also torch's writer failures); else None."""
+    for cause in (err, err.__cause__, err.__context__):
+        if isinstance(cause, OSError) and cause.errno in _WRITE_CAUSES:
+            return WriteError(f'{_WRITE_CAUSES[cause.errno]} while writing {os.fspath(path)}')
+    if _torch_writer_failure(err):
+        folder = os.path.dirname(os.path.abspath(path))
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(folder).free < (64 << 20):
+                return WriteError(f'no space left on device while writing {os.fspath(path)}')
+        return WriteError(f'write failed while writing {os.fspath(path)} (torch: {text_line(err)})')
+    return None
+
+def text_line(err: BaseException, limit: int = 200) -> str:
+    """First line of an exception's message, at most `limit` characters."""
+    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return line if len(line) <= limit else line[:limit - 3] + '...'
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn file-system errors raised inside the block into one WriteError that names `path`."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        mapped = write_error(err, path) if not isinstance(err, UserError) else None
+        if mapped is None:
+            raise
+        raise mapped from None
+
+#----------------------------------------------------------------------------
 # Atomic writes: nothing a user made is ever half-written.
+
+# Temporary names: atomic_write's mkstemp adds 8 characters, pid-named writers the pid.
+_TEMP_SUFFIX = r'\.(?:[a-z0-9_]{8}|\d+)\.tmp'
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = 'wb') -> Iterator[io.IOBase]:
     """Yield a file object for a temporary sibling of `path`, renamed over `path` on success."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    with writing(path):
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
+        try:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
+            with os.fdopen(fd, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+
+def remove_stale_temp_files(folder: str | os.PathLike, targets: str = r'.+', min_age_s: float = 0) -> list[str]:
+    """Delete the temporary files that interrupted atomic writes of files named like the regex `targets`
+    left in `folder`; `min_age_s` spares ones that another process may be writing right now."""
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    pattern, now = re.compile(f'(?:{targets}){_TEMP_SUFFIX}'), time.time()
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not pattern.fullmatch(entry.name):
+                continue
+            with contextlib.suppress(OSError):  # gone already, or not ours to delete: leave it
+                if entry.is_file(follow_symlinks=False) and now - entry.stat().st_mtime >= min_age_s:
+                    os.remove(entry.path)
+                    removed.append(entry.path)
+    return removed
 
 def _umask() -> int:
     mask = os.umask(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
@@ -107,3 +108,53 @@ def request_stop(value: bool = True) -> None:
     """Set or clear the stop flag by hand (tests, and code that wants a clean stop)."""
     global _stop_requested
     _stop_requested = value
+
+#----------------------------------------------------------------------------
+# DataLoader workers: SLURM and `timeout` signal the whole process group, workers included.
+# The workers leave the decision to the main process, which checkpoints, then stops them.
+
+def _stop_signals() -> list:
+    return [getattr(signal, name) for name in ('SIGTERM', 'SIGUSR1') if hasattr(signal, name)]
+
+def ignore_stop_signals(_worker_id: int | None = None) -> None:
+    """DataLoader worker_init_fn: ignore SIGTERM/SIGUSR1 (torch's workers would die of them)."""
+    for sig in _stop_signals():
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, 'pthread_sigmask'):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _stop_signals())
+
+@contextlib.contextmanager
+def stop_signals_held():
+    """Hold SIGTERM/SIGUSR1 while DataLoader workers start, so none dies before ignore_stop_signals runs;
+    the main process gets a held signal when the block ends."""
+    if not hasattr(signal, 'pthread_sigmask'):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _stop_signals())
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+_worker_failure = None
+
+def defer_worker_failures() -> None:
+    """torch raises a dead DataLoader worker from its SIGCHLD handler, at any point of the main process
+    (even mid-checkpoint). Record it instead: the next batch fetch raises it, before any state changes."""
+    global _worker_failure
+    _worker_failure = None
+    handler = signal.getsignal(signal.SIGCHLD) if hasattr(signal, 'SIGCHLD') else None
+    if not callable(handler) or getattr(handler, '_defers_worker_failures', False):
+        return
+    def deferring(signum, frame):
+        global _worker_failure
+        try:
+            handler(signum, frame)
+        except RuntimeError as err:
+            _worker_failure = str(err)
+    deferring._defers_worker_failures = True
+    signal.signal(signal.SIGCHLD, deferring)
+
+def worker_failure() -> str | None:
+    """The message of a DataLoader worker death that defer_worker_failures() recorded, if any."""
+    return _worker_failure

@@ -13,6 +13,7 @@ arguments and tensors, and refuses everything else unless the caller passes `tru
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib
@@ -24,6 +25,7 @@ import pickle
 import sys
 import types
 import uuid
+import zipfile
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -372,6 +374,58 @@ def save_pickle(obj: Any, path: str | os.PathLike) -> None:
     """Write `obj` as a reference-format pickle, atomically."""
     with dnnlib.util.atomic_write(path) as f:
         pickle.dump(obj, f)
+
+#----------------------------------------------------------------------------
+# torch.save files (training states): tensors and plain data, read without running code.
+
+def _numpy_scalar_globals() -> list:
+    """The numpy globals a pickled numpy float needs (states written before lr was stored as a float)."""
+    import numpy as np
+    names = [('numpy._core.multiarray', 'scalar'), ('numpy.core.multiarray', 'scalar'), ('numpy', 'dtype'),
+             ('numpy.dtypes', 'Float64DType'), ('numpy.dtypes', 'Float32DType')]
+    found = []
+    for module, name in names:
+        with contextlib.suppress(ImportError, AttributeError):
+            found.append(_allowed_global(module, name))
+    return [obj for obj in found if obj is not None and obj is not np.ndarray]
+
+class _SafeTorchUnpickler(_SafeUnpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        return super().find_class('builtins' if module == '__builtin__' else module, name)  # torch.save: protocol 2
+
+def load_torch_file(path: str | os.PathLike, trust: bool = False, what: str = 'training state') -> Any:
+    """Read a torch.save file without running code from it (torch weights_only, then our safe unpickler
+    for embedded network objects); refuse anything else unless `trust`. Errors are one line naming the file."""
+    import torch
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f'{path} is a folder; expected a {what} file (training-state-*.pt)')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path}: no such {what} file')
+    if not zipfile.is_zipfile(path):
+        size = os.path.getsize(path)
+        raise CorruptPickleError(f'{path}: not a {what} ({size} bytes, not a complete file written by torch.save: '
+                                 f'truncated, or another format); delete it or point --resume at another file')
+    try:
+        if trust:
+            return torch.load(path, map_location='cpu', weights_only=False)
+        try:
+            with torch.serialization.safe_globals(_numpy_scalar_globals()):
+                return torch.load(path, map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError as err:
+            if 'Unsupported global' not in str(err):
+                raise
+        safe_pickle = types.SimpleNamespace(Unpickler=_SafeTorchUnpickler, load=None, __name__='pickle')
+        return torch.load(path, map_location='cpu', weights_only=False, pickle_module=safe_pickle)
+    except UntrustedPickleError as err:
+        raise UntrustedPickleError(f'{path}: refused to load this {what}: {str(err).split(". If you trust")[0]}; '
+                                   f'if you trust the file, rerun with --trust-pickle (that runs code stored in it)') from None
+    except UserError as err:
+        raise type(err)(f'{path}: {err}') from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, KeyError, TypeError,
+            ValueError, RuntimeError, UnicodeDecodeError, zipfile.BadZipFile) as err:
+        raise CorruptPickleError(f'{path}: not a readable {what} ({type(err).__name__}: '
+                                 f'{dnnlib.util.text_line(err, 120)}); the file is corrupt or truncated') from None
 
 #----------------------------------------------------------------------------
 # Safetensors + JSON export, for sharing weights without pickles.

@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import PIL.Image
 
+import dnnlib
+
 TRANSFORMS = ('center-crop', 'center-crop-wide', 'center-crop-dhariwal')
 
 #----------------------------------------------------------------------------
@@ -88,10 +90,15 @@ class Source:
         return self.item_names[idx] if self.item_names is not None else f'{self.description}: image {idx}'
 
 
-def _label_list(names: Sequence[str], labels: dict, where: str) -> Optional[list]:
-    """Labels in item order; error if some items have none (reference: silently unlabeled)."""
+def _label_list(names: Sequence[str], labels: dict, where: str, all_names: Optional[Sequence[str]] = None) -> Optional[list]:
+    """Labels in item order; error if some items have none (reference: silently unlabeled) or some
+    labels name files that the source does not hold (reference: silently ignored)."""
     if not labels:
         return None
+    unknown = sorted(set(labels) - set(all_names if all_names is not None else names))
+    if unknown:
+        raise ValueError(f'{where} labels {len(unknown)} files that are not images of the source (first: {unknown[0]}); '
+                         'fix the paths (relative to the source, with /) or remove those entries')
     missing = [name for name in names if name not in labels]
     if missing:
         raise ValueError(f'{where} has labels for {len(names) - len(missing)} of the {len(names)} images '
@@ -125,7 +132,7 @@ def open_image_folder(source_dir: str, max_images: Optional[int], edm_order: boo
         labels = _folder_labels(arch_fnames)
     count = len(files) if max_images is None else min(len(files), max_images)
     return Source(description=f'image folder {source_dir}', payloads=[('file', f) for f in files[:count]],
-                  labels=_label_list(arch_fnames[:count], labels, meta_fname), item_names=files[:count])
+                  labels=_label_list(arch_fnames[:count], labels, meta_fname, arch_fnames), item_names=files[:count])
 
 def open_image_zip(source: str, max_images: Optional[int], is_item: Callable[[str], bool] = is_image_ext) -> Source:
     """All images (members where `is_item`) in a zip archive; labels from its dataset.json."""
@@ -139,7 +146,7 @@ def open_image_zip(source: str, max_images: Optional[int], is_item: Callable[[st
         raise ValueError(f'cannot read zip archive {source}: {err}') from None
     count = len(members) if max_images is None else min(len(members), max_images)
     return Source(description=f'zip archive {source}', payloads=[('zip', source, m) for m in members[:count]],
-                  labels=_label_list(members[:count], labels, f'{source}/dataset.json'),
+                  labels=_label_list(members[:count], labels, f'{source}/dataset.json', members),
                   item_names=[f'{source}/{m}' for m in members[:count]])
 
 def open_lmdb(lmdb_dir: str, max_images: Optional[int]) -> Source:
@@ -456,61 +463,79 @@ def default_workers() -> int:
 class DatasetWriter:
     """Writes files into a temporary sibling of `dest`, moved over `dest` by commit()."""
 
-    def __init__(self, dest: str, allow_existing_zip: bool = True):
+    def __init__(self, dest: str, force: bool = False):
         if dest == '':
             raise ValueError('--dest must not be an empty string')
         self.dest = os.path.abspath(dest)
         self.is_zip = file_ext(dest).lower() == 'zip'
+        self.replace_folder = False
         if self.is_zip and os.path.isdir(self.dest):
             raise ValueError(f'--dest {dest} is a folder; give a new .zip file name or a folder without .zip')
-        if self.is_zip and os.path.exists(self.dest) and not allow_existing_zip:
-            raise ValueError(f'--dest {dest} already exists; remove it or choose another name')
+        if self.is_zip and os.path.exists(self.dest) and not force:
+            raise ValueError(f'--dest {dest} already exists; choose another name, or pass --force to replace it')
         if not self.is_zip and os.path.exists(self.dest):
             if not os.path.isdir(self.dest):
                 raise ValueError(f'--dest {dest} is an existing file; give a folder or a .zip name')
             if os.listdir(self.dest):
-                raise ValueError(f'--dest folder {dest} is not empty; choose a new folder or empty it')
+                if not (force and os.path.isfile(os.path.join(self.dest, 'dataset.json'))):
+                    hint = 'pass --force to replace a dataset folder (one with a dataset.json)' if not force else \
+                           '--force replaces only dataset folders (ones with a dataset.json)'
+                    raise ValueError(f'--dest folder {dest} is not empty; choose a new folder or empty it, or {hint}')
+                self.replace_folder = True
         self._tmp: Optional[str] = None
 
     def open(self) -> None:
         """Create the temporary output next to `dest` (checks ran in the constructor)."""
         parent = os.path.dirname(self.dest)
-        os.makedirs(parent, exist_ok=True)
         prefix = f'.{os.path.basename(self.dest)}.'
-        if self.is_zip:
-            fd, self._tmp = tempfile.mkstemp(dir=parent, prefix=prefix, suffix='.tmp')
-            os.close(fd)
-            self._zip = zipfile.ZipFile(self._tmp, mode='w', compression=zipfile.ZIP_STORED)
-        else:
-            self._tmp = tempfile.mkdtemp(dir=parent, prefix=prefix, suffix='.tmp')
+        with dnnlib.util.writing(self.dest):
+            os.makedirs(parent, exist_ok=True)
+            _remove_stale_temps(parent, prefix)
+            if self.is_zip:
+                fd, self._tmp = tempfile.mkstemp(dir=parent, prefix=prefix, suffix='.tmp')
+                os.close(fd)
+                self._zip = zipfile.ZipFile(self._tmp, mode='w', compression=zipfile.ZIP_STORED)
+            else:
+                self._tmp = tempfile.mkdtemp(dir=parent, prefix=prefix, suffix='.tmp')
 
     def write(self, fname: str, data: bytes | str) -> None:
         """Add one file, `fname` relative to the dataset root."""
         data = data.encode('utf8') if isinstance(data, str) else data
-        if self.is_zip:
-            self._zip.writestr(fname, data)
-            return
-        path = os.path.join(self._tmp, fname)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, 'wb') as f:
-            f.write(data)
+        with dnnlib.util.writing(self.dest):
+            if self.is_zip:
+                self._zip.writestr(fname, data)
+                return
+            path = os.path.join(self._tmp, fname)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, 'wb') as f:
+                f.write(data)
 
     def commit(self) -> None:
         """Move the finished dataset to `dest`."""
-        if self.is_zip:
-            self._zip.close()
-        elif os.path.isdir(self.dest):
-            os.rmdir(self.dest)  # checked empty above; rename cannot replace it on every OS
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self._tmp, (0o666 if self.is_zip else 0o777) & ~umask)  # mkstemp/mkdtemp made it private
-        os.replace(self._tmp, self.dest)
+        with dnnlib.util.writing(self.dest):
+            if self.is_zip:
+                self._zip.close()
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self._tmp, (0o666 if self.is_zip else 0o777) & ~umask)  # mkstemp/mkdtemp made it private
+            if self.replace_folder:  # --force: the old dataset moves aside, then goes
+                old = tempfile.mkdtemp(dir=os.path.dirname(self.dest), prefix=f'.{os.path.basename(self.dest)}.', suffix='.tmp')
+                os.replace(self.dest, os.path.join(old, 'old'))
+                os.replace(self._tmp, self.dest)
+                shutil.rmtree(old, ignore_errors=True)
+                return
+            if not self.is_zip and os.path.isdir(self.dest):
+                os.rmdir(self.dest)  # checked empty above; rename cannot replace it on every OS
+            os.replace(self._tmp, self.dest)
 
     def abort(self) -> None:
-        """Delete everything written so far; `dest` stays as it was."""
+        """Delete everything written so far, first of all (closing a zip on a full disk fails); `dest` stays as it was."""
+        if self._tmp is None:
+            return
         if self.is_zip:
-            self._zip.close()
-            os.remove(self._tmp)
+            for step in (os.remove, lambda _: self._zip.close(), os.remove):  # the second remove: where open files cannot go
+                with contextlib.suppress(OSError, ValueError):
+                    step(self._tmp)
         else:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
@@ -520,6 +545,13 @@ class DatasetWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.commit() if exc_type is None else self.abort()
+
+def _remove_stale_temps(parent: str, prefix: str) -> None:
+    """Delete temporary outputs (files or folders) of earlier runs for the same --dest that a kill interrupted."""
+    for name in os.listdir(parent):
+        if name.startswith(prefix) and name.endswith('.tmp') and len(name) == len(prefix) + 12:  # mkstemp: 8 + '.tmp'
+            path = os.path.join(parent, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 def labels_json(labels: list) -> str:
     """dataset.json contents: labels null unless every written item has one (reference)."""
@@ -551,17 +583,21 @@ def convert_dataset(
     workers:        Optional[int] = None,           # Processes that decode and encode. None = one per core.
     progress:       bool = True,                    # Show a tqdm progress bar?
     ddpm_dataset:   Optional[str] = None,           # Prepare as tqch/ddpm-torch (training/dataset_ddpm.py). None = no.
+    force:          bool = False,                   # Replace an existing --dest zip or dataset folder?
 ) -> int:
     """Convert a dataset to PNGs + dataset.json (reference dataset_tool); returns the number written."""
     from tqdm import tqdm
     if ddpm_dataset is not None:
         from training import dataset_ddpm
         src, transform_fn, rgb = dataset_ddpm.prepare(ddpm_dataset, source, max_images, transform, resolution)
-        writer = DatasetWriter(dest)
+        writer = DatasetWriter(dest, force=force)
     else:
         transform_fn = make_transform(transform, resolution)
-        writer = DatasetWriter(dest)
+        writer = DatasetWriter(dest, force=force)
         src = open_source(source, max_images, edm_order=not rgb)
+    if len(src) == 0:
+        raise ValueError(f'--source {source} holds no images' + (' (--max-images=0)' if max_images == 0 else '') +
+                         '; nothing to write')
     fn = functools.partial(_process_item, transform=transform_fn, rgb=rgb)
     labels, first = [], None
     with contextlib.ExitStack() as stack:
@@ -575,6 +611,9 @@ def convert_dataset(
             first = _check_shape(shape, first, fname, src.names(idx))
             writer.write(fname, png)
             labels.append([fname, src.labels[idx]] if src.labels is not None else None)
+        if not labels:
+            raise ValueError(f'none of the {len(src)} images of --source {source} was written: --transform={transform} '
+                             'skipped every one (too small?); choose another --transform or --resolution')
         writer.write('dataset.json', labels_json(labels))
     return len(labels)
 

@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
+import dnnlib
 from training.dataset_convert import (DatasetWriter, Source, get_handle, archive_fname, close_handles, encode_png,
                                       file_ext, labels_json, open_image_folder, open_image_zip, open_source, read_pixels)
 
@@ -57,11 +58,17 @@ def read_latents(payload: tuple) -> np.ndarray:
 # Output that survives interruption: one atomic file at a time, dataset.json last.
 
 def _write_file_atomic(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'wb') as f:
-        f.write(data)
-    os.replace(tmp, path)
+    with dnnlib.util.writing(path):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, 'wb') as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
 
 class ResumableWriter:
     """Writes into the --dest folder (or, for a .zip, a '<dest>.partial' folder packed at the end)."""

@@ -316,6 +316,43 @@ def _check_architecture(arch, ref_arch, path, ref_path):
         f'(first difference: {detail}); reconstruct from snapshots of one training run only')
 
 
+def _run_signature(data):
+    """What snapshots of one training run share: network class and kwargs, dataset, loss and encoder options."""
+    def describe(obj):
+        if obj is None:
+            return None
+        kwargs = getattr(obj, '_init_kwargs', None)
+        return dict(dnnlib.EasyDict(kwargs or {}), class_name=type(obj).__name__)
+    return dict(architecture=describe(data['ema']), dataset=dict(data.get('dataset_kwargs') or {}),
+                training_options=dict(loss=describe(data.get('loss_fn')), encoder=describe(data.get('encoder'))))
+
+
+def _first_difference(a, b, prefix=''):
+    """'key: A vs B' for the first differing entry of two nested dicts, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            found = _first_difference(a.get(key), b.get(key), f'{prefix}{key}.')
+            if found is not None:
+                return found
+        return None
+    try:
+        same = bool(a == b)
+    except (TypeError, ValueError, RuntimeError):  # arrays and tensors compare elementwise
+        same = repr(a) == repr(b)
+    return None if same else f'{prefix[:-1]}: {a!r} vs {b!r}'
+
+
+def check_same_run(signature, ref_signature, path, ref_path):
+    """Warn when two input snapshots look like they come from different training runs (EDM2 reconstructs one run)."""
+    for field in ('architecture', 'dataset', 'training_options'):
+        diff = _first_difference(ref_signature[field], signature[field])
+        if diff is not None:
+            text = diff if len(diff) <= 200 else diff[:197] + '...'
+            warnings.warn(f'Input pickles {ref_path} and {path} differ in {field} ({text}); '
+                          'they look like snapshots of different training runs, which reconstruction should not mix',
+                          stacklevel=2)
+
+
 class _Reconstruction:
     """Iterable over reconstruction steps: for each batch of outputs, one pass over the inputs."""
 
@@ -348,10 +385,12 @@ class _Reconstruction:
         outs = []
         for i, pkl in enumerate(self.in_pkls):
             data = _load_snapshot(pkl.path, self.trust_pickle)
-            arch = _architecture(data['ema'])
+            arch, signature = _architecture(data['ema']), _run_signature(data)
             if i == 0:
-                ref_arch, ref_path, dtype = arch, pkl.path, _float_dtype(data['ema'])
+                ref_arch, ref_signature, ref_path, dtype = arch, signature, pkl.path, _float_dtype(data['ema'])
             _check_architecture(arch, ref_arch, pkl.path, ref_path)
+            if out_std is self.out_std_batches[0]:  # warn once, not once per batch
+                check_same_run(signature, ref_signature, pkl.path, ref_path)
             in_net = data['ema'].to(torch.float32) # In place: the first input's data becomes the output template.
             if i == 0:
                 outs = [self._new_output(data, std) for std in out_std]
@@ -380,7 +419,9 @@ class _Reconstruction:
         out.pkl_path = pkl_path(self.out_dir, self.out_prefix, self.out_nimg, out.std)
         if out.pkl_path is not None:
             from torch_utils import persistence
-            os.makedirs(self.out_dir, exist_ok=True)
+            with dnnlib.util.writing(self.out_dir):
+                os.makedirs(self.out_dir, exist_ok=True)
+            dnnlib.util.remove_stale_temp_files(self.out_dir, targets=re.escape(os.path.basename(out.pkl_path)))
             persistence.save_pickle(out.pkl_data, out.pkl_path)
 
 

@@ -777,6 +777,18 @@ def generate_per_checkpoint(cfg) -> list[str]:
     return folders
 
 
+def _prepare_outputs(cfg) -> None:
+    """Make --outdir (one clear line if it cannot be) and delete temporary PNGs that kills left behind."""
+    if cfg.outdir is not None:
+        with dnnlib.util.writing(cfg.outdir):
+            os.makedirs(cfg.outdir, exist_ok=True)
+        folders = [cfg.outdir] + [e.path for e in os.scandir(cfg.outdir) if e.is_dir() and re.fullmatch(r'\d{6}', e.name)]
+        for folder in folders:  # min_age_s: another generate.py may be writing into the same --outdir now
+            dnnlib.util.remove_stale_temp_files(folder, targets=r'\d{6}\.png', min_age_s=600)
+    if cfg.grid is not None:
+        dnnlib.util.remove_stale_temp_files(os.path.dirname(os.path.abspath(cfg.grid)), targets=re.escape(os.path.basename(cfg.grid)))
+
+
 def generate_from_config(cfg) -> None:
     """Run a resolved `GenerateConfig` (training.presets_generate) on all ranks of this process group."""
     import tqdm
@@ -791,8 +803,7 @@ def generate_from_config(cfg) -> None:
         dist.barrier()  # Rank 0 loads (and downloads) first.
     net, gnet, encoder = _load_networks(cfg, device)
     if rank == 0:
-        if cfg.outdir is not None:
-            os.makedirs(cfg.outdir, exist_ok=True)
+        _prepare_outputs(cfg)
         dist.barrier()
 
     batches = generate_images(net, seeds, gnet=gnet, encoder=encoder, class_idx=cfg.class_idx,

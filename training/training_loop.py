@@ -39,6 +39,10 @@ logger = logging.getLogger('edm.training')
 class NonFiniteLossError(dnnlib.util.UserError):
     """The training loss became NaN or Inf."""
 
+
+class DataLoaderWorkerError(dnnlib.util.UserError):
+    """A DataLoader worker process died (killed, out of memory)."""
+
 #----------------------------------------------------------------------------
 # Reference-format keyword dicts (written to training_options.json).
 
@@ -162,9 +166,22 @@ def _init_logging(run_dir: str) -> None:
     _close_logging()
     if dist.get_rank() == 0:
         formatter = logging.Formatter('%(message)s')
-        for handler in (logging.FileHandler(os.path.join(run_dir, 'log.txt'), mode='a'), logging.StreamHandler(sys.stdout)):
+        with dnnlib.util.writing(os.path.join(run_dir, 'log.txt')):
+            log_file = _LogFile(os.path.join(run_dir, 'log.txt'), mode='a')
+        for handler in (log_file, logging.StreamHandler(sys.stdout)):
             handler.setFormatter(formatter)
             logger.addHandler(handler)
+
+
+class _LogFile(logging.FileHandler):
+    """log.txt; when a write fails (disk full) it says so in one line, not a traceback per message."""
+
+    def handleError(self, record) -> None:
+        if not getattr(self, '_failed', False):
+            err = sys.exc_info()[1]
+            mapped = dnnlib.util.write_error(err, self.baseFilename) if err is not None else None
+            print(f'Warning: {mapped or err}; log.txt misses the lines from here on', file=sys.stderr, flush=True)
+        self._failed = True
 
 
 def _close_logging() -> None:
@@ -178,6 +195,9 @@ def _write_json(path: str, data) -> None:
         json.dump(data, f, indent=2)
 
 
+_RUN_FILES = r'training-state-\d+\.pt|network-snapshot-[\w.-]+\.pkl|[\w-]+\.json'  # what atomic writes put in run_dir
+
+
 def setup(cfg: TrainConfig, run_dir: str, device: torch.device) -> dnnlib.EasyDict:
     """Everything the loop needs, in an EasyDict: data, networks, optimizer, EMA, restored state."""
     ctx = dnnlib.EasyDict(cfg=cfg, run_dir=run_dir, device=device, rank=dist.get_rank(), world=dist.get_world_size())
@@ -189,10 +209,15 @@ def setup(cfg: TrainConfig, run_dir: str, device: torch.device) -> dnnlib.EasyDi
         ctx.cfg = cfg = resolve_epochs(cfg, ctx.dataset)
         ctx.recipe = make_recipe(cfg)
     ctx.encoder, ctx.encoder_kwargs = ctx.recipe.make_encoder(ctx.dataset)
+    stale = []
     if ctx.rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
+        with dnnlib.util.writing(run_dir):
+            os.makedirs(run_dir, exist_ok=True)
+        stale = dnnlib.util.remove_stale_temp_files(run_dir, targets=_RUN_FILES)  # left by writes that a kill interrupted
     dist.barrier()
     _init_logging(run_dir)
+    if stale:
+        logger.info(f'Removed {len(stale)} temporary file(s) of interrupted writes: {_first([os.path.basename(p) for p in stale])}')
     _build_modules(ctx)
     ctx.update(cur_nimg=0, total_elapsed_time=0.0, bad_loss=torch.zeros([], dtype=torch.bool, device=device))
     ctx.state_path = _restore(ctx)
@@ -258,33 +283,96 @@ def _restore(ctx) -> str | None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f'--resume={path}: no such training state')
         logger.info(f'Resuming from "{path}"...')
-        state = torch.load(path, map_location='cpu', weights_only=False)
-        if not isinstance(state, dict) or state.get('format_version') != STATE_FORMAT_VERSION:
-            raise ValueError(f'--resume={path}: not a training-state file of this version')
-        ctx.net.load_state_dict(state['net'])
-        ctx.ema.load_state_dict(state['ema'])
-        ctx.optimizer.load_state_dict(state['optimizer'])
-        for group in ctx.optimizer.param_groups:
-            group['fused'] = ctx.optimizer.defaults.get('fused')
-        ctx.cur_nimg = int(state['cur_nimg'])
-        ctx.total_elapsed_time = float(state.get('total_elapsed_time', 0))
+        state = read_training_state(path, trust=cfg.trust_pickle)
+        load_training_state(ctx, state, path)
         return path
     if cfg.transfer:
         logger.info(f'Loading network weights from "{cfg.transfer}"...')
-        data = persistence.load_pickle(cfg.transfer)
+        data = persistence.load_pickle(cfg.transfer, trust=cfg.trust_pickle)
         src = data['ema'] if isinstance(data, dict) else data
         misc.copy_params_and_buffers(src_module=src, dst_module=ctx.net, require_all=False)
         ctx.ema.reset()
     return None
 
 
+def read_training_state(path: str, trust: bool = False) -> dict:
+    """A training-state-*.pt as a dict, read without running code from it unless `trust` (--trust-pickle)."""
+    state = persistence.load_torch_file(path, trust=trust, what='training state')
+    if not isinstance(state, dict) or state.get('format_version') != STATE_FORMAT_VERSION:
+        version = state.get('format_version') if isinstance(state, dict) else None
+        raise ValueError(f'{path}: not a training state of this version (format_version {version!r}, expected '
+                         f'{STATE_FORMAT_VERSION}); resume it with the code that wrote it, or start a new --outdir')
+    missing = [key for key in ('net', 'ema', 'optimizer', 'cur_nimg') if key not in state]
+    if missing:
+        raise ValueError(f'{path}: training state lacks {", ".join(missing)}; the file is incomplete')
+    return state
+
+
+def _first(items: list, count: int = 3) -> str:
+    """'a, b, c, ... (N)' with at most `count` items: keeps mismatch messages short."""
+    shown = ', '.join(str(x) for x in items[:count])
+    return shown + (f', ... ({len(items)} in all)' if len(items) > count else '')
+
+
+_NETWORK_FIELDS = ('arch', 'precond', 'edm2_config', 'model_channels', 'channel_mult', 'num_blocks',
+                   'attn_resolutions', 'resolution', 'cond', 'fp16', 'ema_stds')
+
+
+def state_mismatch(ctx, state: dict) -> str | None:
+    """What differs between the stored network/EMA and the ones this run builds; None when they fit."""
+    ours = ctx.net.state_dict()
+    theirs = state['net'] if isinstance(state['net'], dict) else {}
+    missing = [key for key in ours if key not in theirs]
+    unexpected = [key for key in theirs if key not in ours]
+    shapes = [f'{key} {list(theirs[key].shape)} in the file, {list(ours[key].shape)} here' for key in ours
+              if key in theirs and isinstance(theirs[key], torch.Tensor) and theirs[key].shape != ours[key].shape]
+    parts = [f'{len(missing)} tensors missing ({_first(missing)})'] if missing else []
+    parts += [f'{len(unexpected)} unexpected ({_first(unexpected)})'] if unexpected else []
+    parts += [f'{len(shapes)} of other shape ({_first(shapes, 2)})'] if shapes else []
+    stored_emas = state['ema'].get('emas') if isinstance(state['ema'], dict) else None
+    our_emas = len(getattr(ctx.ema, 'emas', []))
+    if stored_emas is not None and our_emas and len(stored_emas) != our_emas:
+        parts.append(f'{len(stored_emas)} EMA profiles in the file, {our_emas} here')
+    if not parts:
+        return None
+    stored, run = state.get('config') or {}, to_json(ctx.cfg)
+    differing = [f'{key}={stored[key]!r} in the file, {run[key]!r} here' for key in _NETWORK_FIELDS
+                 if key in stored and key in run and stored[key] != run[key]]
+    expected = ', '.join(f'{key}={run[key]!r}' for key in _NETWORK_FIELDS[:5] if key in run)
+    return ('; '.join(parts) + '. ' + (f'Options: {_first(differing, 3)}' if differing else f'This run expects {expected}'))
+
+
+def load_training_state(ctx, state: dict, path: str) -> None:
+    """Copy a training state into the run's network, EMA and optimizer; one clear line if it does not fit."""
+    mismatch = state_mismatch(ctx, state)
+    if mismatch is not None:
+        message = f'{path}: training state of another network than this run builds: {mismatch}'
+        raise ValueError((message if len(message) <= 900 else message[:897] + '...') +
+                         '. Rerun with the options it was trained with, or use another --outdir')
+    try:
+        ctx.net.load_state_dict(state['net'])
+        ctx.ema.load_state_dict(state['ema'])
+        ctx.optimizer.load_state_dict(state['optimizer'])
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f'{path}: training state does not fit this run ({type(err).__name__}: '
+                         f'{dnnlib.util.text_line(err, 300)})') from None
+    for group in ctx.optimizer.param_groups:
+        group['fused'] = ctx.optimizer.defaults.get('fused')
+    ctx.cur_nimg = int(state['cur_nimg'])
+    ctx.total_elapsed_time = float(state.get('total_elapsed_time', 0))
+
+
 def _make_iterators(ctx) -> None:
     """Data iterators that start at cur_nimg (and, for STF, the extra reference images)."""
     cfg = ctx.cfg
     def loader(sampler, batch):
-        return iter(torch.utils.data.DataLoader(
-            dataset=ctx.dataset, sampler=sampler, batch_size=batch, num_workers=cfg.workers,
-            pin_memory=(ctx.device.type == 'cuda'), prefetch_factor=(2 if cfg.workers > 0 else None)))
+        workers = dict(worker_init_fn=dist.ignore_stop_signals, prefetch_factor=2) if cfg.workers > 0 else {}
+        with dist.stop_signals_held():  # workers ignore preemption signals; the main process checkpoints
+            data_iter = iter(torch.utils.data.DataLoader(
+                dataset=ctx.dataset, sampler=sampler, batch_size=batch, num_workers=cfg.workers,
+                pin_memory=(ctx.device.type == 'cuda'), **workers))
+        dist.defer_worker_failures()
+        return data_iter
     ctx.data_iter = loader(ctx.recipe.data_sampler(ctx.dataset, ctx.rank, ctx.world, ctx.cur_nimg), ctx.batch_gpu)
     # STF fork: --rbatch reference images per GPU, that GPU's training images included.
     ctx.ref_extra = (cfg.rbatch - ctx.batch_gpu * ctx.rounds) if cfg.stf else 0
@@ -312,7 +400,7 @@ def train_step(ctx) -> None:
     cfg = ctx.cfg
     ctx.recipe.seed_rng(ctx.rank, ctx.cur_nimg)
     ctx.optimizer.zero_grad(set_to_none=True)
-    batches = [next(ctx.data_iter) for _ in range(ctx.rounds)]
+    batches = [_next_batch(ctx.data_iter) for _ in range(ctx.rounds)]
     batches = [(_to_model_space(ctx, images), labels.to(ctx.device)) for images, labels in batches]
     refs = _stf_references(ctx, batches) if cfg.stf else [{}] * ctx.rounds
     batch_gpu_total = ctx.batch_gpu * ctx.rounds
@@ -329,11 +417,21 @@ def train_step(ctx) -> None:
     _apply_update(ctx)
 
 
+def _next_batch(data_iter):
+    """Next batch; a dead DataLoader worker surfaces here, before the step has changed any state."""
+    try:
+        return next(data_iter)
+    except RuntimeError as err:
+        if 'DataLoader worker' not in str(err):
+            raise
+        raise DataLoaderWorkerError(dist.worker_failure() or dnnlib.util.text_line(err)) from None
+
+
 def _stf_references(ctx, batches) -> list[dict]:
     """Per round: the other rounds' images plus the extra reference images (STF reference batch)."""
     extra_images = extra_labels = None
     if ctx.ref_iter is not None:
-        extra_images, extra_labels = next(ctx.ref_iter)
+        extra_images, extra_labels = _next_batch(ctx.ref_iter)
         extra_images, extra_labels = _to_model_space(ctx, extra_images), extra_labels.to(ctx.device)
     refs = []
     for round_idx in range(len(batches)):
@@ -349,7 +447,7 @@ def _apply_update(ctx) -> None:
     """The recipe's learning rate and gradient cleaning, the optimizer step, the recipe's EMA update."""
     lr = ctx.recipe.learning_rate(ctx.cur_nimg)
     for group in ctx.optimizer.param_groups:
-        group['lr'] = lr
+        group['lr'] = float(lr)  # a Python float, so the state loads with weights_only=True
     ctx.recipe.clean_gradients(ctx.net.parameters())
     ctx.optimizer.step()
     prev_nimg = ctx.cur_nimg
@@ -416,7 +514,8 @@ def _status(ctx) -> None:
 def _append_stats(ctx, collector) -> None:
     """One stats.jsonl line in the recipe's format, flushed."""
     line = ctx.recipe.stats_line(collector.as_dict())
-    with open(os.path.join(ctx.run_dir, 'stats.jsonl'), 'at') as f:
+    path = os.path.join(ctx.run_dir, 'stats.jsonl')
+    with dnnlib.util.writing(path), open(path, 'at') as f:
         f.write(line + '\n')
         f.flush()
 
@@ -444,6 +543,20 @@ def save_checkpoint(ctx) -> str | None:
         torch.save(state, f)
     logger.info(f'Saved {os.path.basename(path)}')
     return path
+
+
+def _on_lost_worker(ctx, err: DataLoaderWorkerError) -> None:
+    """A worker died before the step changed anything: save the state (one process), then stop;
+    that is a clean exit when a stop signal came, else an error."""
+    if ctx.world == 1:
+        _check_finite(ctx)
+        ctx.state_path = save_checkpoint(ctx) or ctx.state_path
+    if dist.should_stop():
+        logger.info(f'Stop requested; a DataLoader worker is gone ({err}). Saved the training state; exiting.')
+        ctx.stopped = True
+        return
+    saved = f'saved {ctx.state_path}; ' if ctx.world == 1 else ''
+    raise DataLoaderWorkerError(f'{err}; {saved}rerun the same command to continue')
 
 
 def maintenance(ctx, prev_nimg: int) -> bool:
@@ -488,7 +601,11 @@ def training_loop(cfg: TrainConfig, run_dir: str, device: torch.device | None = 
             done = False
             while not done:
                 start, prev_nimg = time.time(), ctx.cur_nimg
-                train_step(ctx)
+                try:
+                    train_step(ctx)
+                except DataLoaderWorkerError as err:
+                    _on_lost_worker(ctx, err)
+                    break
                 ctx.train_time += time.time() - start
                 if cfg.first_step:
                     logger.info(f'First optimizer step done (--first-step, loss finite: {not bool(ctx.bad_loss)}); '
