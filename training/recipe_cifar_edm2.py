@@ -1,0 +1,194 @@
+"""Training and sampling schedule of the CIFAR EDM2 reimplementation (FutureXiang/edm2 train.py, configs).
+
+Its six configs (cifar10 / cifar100 / tinyimagenet x C / E; G runs the E hyper-parameters on UNetG)
+count time in epochs of a DistributedSampler: ceil(N / world) images per process in batches of
+batch_size // world, the last one partial. The learning rate is set once per epoch: a linear warm-up
+over warm_epoch epochs, then alpha / sqrt(max(epoch / tref_epoch, 1)) (EDM2 Eq. 67 in epochs). The EMA
+is ema-pytorch's: a fixed beta with a 1 - k^(-2/3) warm-up. Sampling is Heun with 18 steps, the
+denoised image clipped to [-1, 1] (S_noise = 1.007 only matters with eta > 0).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from training import networks_cifar_edm2
+
+#----------------------------------------------------------------------------
+# The configs (config/<dataset>/<C|E>.yaml; G = UNetG with the E file).
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceConfig:
+    """One YAML of FutureXiang/edm2: dataset, network, training schedule and linear-probe settings."""
+    dataset:        str             # cifar10 | cifar100 | tinyimagenet.
+    classes:        int             # Class count (the probe's classifier width).
+    config:         str             # Network: C, E or G.
+    n_epoch:        int             # Training epochs.
+    batch_size:     int             # Global batch (all processes).
+    lrate:          float           # Adam learning rate after warm-up (alpha_ref).
+    warm_epoch:     int             # Linear warm-up epochs.
+    tref_epoch:     Optional[int]   # Inverse-sqrt decay from this epoch; None = n_epoch (constant after warm-up).
+    flip:           bool            # Random horizontal flips of the training images.
+    ema:            float = 0.9993  # ema-pytorch beta.
+    P_mean:         float = -1.2    # Mean of ln(sigma) in training.
+    P_std:          float = 1.2     # Std of ln(sigma) in training.
+    sigma_data:     float = 0.5     # Data standard deviation (preconditioning).
+    probe_t:        int = 4         # linear.timestep: noise index into reversed(18-step schedule).
+    probe_block:    str = 'out_6'   # linear.blockname.
+
+    @property
+    def num_images(self) -> int:
+        """Training split size: 50,000 (CIFAR-10/100), 100,000 (Tiny-ImageNet)."""
+        return 100_000 if self.dataset == 'tinyimagenet' else 50_000
+
+    def network_kwargs(self) -> dict:
+        """CifarPrecond kwargs (the YAML `network` section)."""
+        return networks_cifar_edm2.network_kwargs(self.dataset, self.config)
+
+
+def _configs() -> dict[str, ReferenceConfig]:
+    out = {}
+    for dataset, classes in (('cifar10', 10), ('cifar100', 100), ('tinyimagenet', 200)):
+        tiny = dataset == 'tinyimagenet'
+        c = ReferenceConfig(dataset, classes, 'C', n_epoch=2000 if tiny else 1000, batch_size=192 if tiny else 512,
+                            lrate=1.5e-4 if tiny else 4e-4, warm_epoch=200, tref_epoch=None, flip=not tiny,
+                            probe_t=5 if tiny else 4)
+        e = dataclasses.replace(c, config='E', n_epoch=2000, lrate=7.5e-3 if tiny else 2e-2, tref_epoch=400)
+        out.update({f'{dataset}-c': c, f'{dataset}-e': e, f'{dataset}-g': dataclasses.replace(e, config='G')})
+    return out
+
+
+REFERENCE_CONFIGS = _configs()
+
+
+def reference_config(name: str) -> ReferenceConfig:
+    """'cifar10-e' (also 'cifar10/E') -> its ReferenceConfig."""
+    dataset, config = networks_cifar_edm2.parse_reference_config(name)
+    return REFERENCE_CONFIGS[f'{dataset}-{config.lower()}']
+
+#----------------------------------------------------------------------------
+# Time in epochs, learning rate.
+
+def steps_per_epoch(num_images: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps per epoch: ceil(ceil(N / world) / (batch // world)), the last batch partial."""
+    if batch_size % world_size != 0:
+        raise ValueError(f'batch_size={batch_size} is not divisible by {world_size} processes')
+    return math.ceil(math.ceil(num_images / world_size) / (batch_size // world_size))
+
+
+def learning_rate(epoch: int, lrate: float, warm_epoch: int, tref_epoch: Optional[int], n_epoch: int) -> float:
+    """lrate (epoch + 1) / warm_epoch during warm-up, then lrate / sqrt(max(epoch / tref_epoch, 1)) (0-based epoch)."""
+    if epoch < warm_epoch:
+        return lrate * (epoch + 1) / warm_epoch
+    return lrate / np.sqrt(max(epoch / (n_epoch if tref_epoch is None else tref_epoch), 1))
+
+
+def epoch_of_step(step: int, num_images: int, batch_size: int, world_size: int = 1) -> int:
+    """The 0-based epoch that optimizer step `step` (0-based) belongs to."""
+    return step // steps_per_epoch(num_images, batch_size, world_size)
+
+#----------------------------------------------------------------------------
+# EMA.
+
+class WarmupEMA:
+    """ema-pytorch EMA(beta, update_after_step=0, update_every=1, inv_gamma=1, power=2/3): decay min(beta, 1 - k^(-2/3))."""
+
+    @torch.no_grad()
+    def __init__(self,
+        net:    torch.nn.Module,    # Network being trained; read at every update().
+        beta:   float = 0.9993,     # Decay once the warm-up has passed it.
+    ):
+        self.net = net
+        self.beta = beta
+        self.ema = copy.deepcopy(net).eval().requires_grad_(False)
+        self.step = 0           # update() calls so far (ema-pytorch's `step` buffer)
+        self.initted = False    # ema-pytorch's `initted` buffer
+
+    def decay(self, step: int) -> float:
+        """Decay of the update that brings the count to `step`: min(beta, 1 - step^(-2/3)), float32; 0 at step 1."""
+        epoch = torch.tensor(float(step - 1), dtype=torch.float32).clamp(min=0)
+        if epoch.item() <= 0:
+            return 0.0
+        return (1 - (1 + epoch) ** (-2 / 3)).clamp(min=0, max=self.beta).item()
+
+    def _tensors(self, module):
+        # Every float parameter and buffer, frozen ones (the Fourier features) included.
+        return [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self, cur_nimg: int = 0, batch_size: int = 0) -> None:
+        """One ema-pytorch update() after an optimizer step (the arguments only fit the training loop's call)."""
+        first = self.step == 0
+        self.step += 1
+        if first or not self.initted:  # the 1st call copies; the 2nd copies again and marks initted
+            torch._foreach_copy_(self._tensors(self.ema), self._tensors(self.net))
+            self.initted = not first
+            if first:
+                return
+        decay = self.decay(self.step)
+        torch._foreach_lerp_(self._tensors(self.ema), self._tensors(self.net), 1 - decay)
+
+    def reset(self) -> None:
+        """Restart the EMA from the current network (transfer learning)."""
+        self.step, self.initted = 0, False
+        self.update()
+
+    def get(self) -> torch.nn.Module:
+        """The EMA network."""
+        return self.ema
+
+    def state_dict(self) -> dict:
+        """ema-pytorch's layout: initted, step, online_model.*, ema_model.* (a reference checkpoint's "EMA")."""
+        state = {'initted': torch.tensor(self.initted), 'step': torch.tensor(self.step)}
+        state.update({f'online_model.{k}': v for k, v in self.net.state_dict().items()})
+        state.update({f'ema_model.{k}': v for k, v in self.ema.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Inverse of state_dict(); also reads the "EMA" entry of a reference checkpoint."""
+        self.initted, self.step = bool(state['initted']), int(state['step'])
+        self.ema.load_state_dict({k[len('ema_model.'):]: v for k, v in state.items() if k.startswith('ema_model.')})
+
+#----------------------------------------------------------------------------
+# Data and sampling.
+
+def random_flip(images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """RandomHorizontalFlip(p=0.5) per image, as the reference's training transform."""
+    flip = torch.rand([images.shape[0], 1, 1, 1], generator=generator, device=images.device) < 0.5
+    return torch.where(flip, images.flip(3), images)
+
+
+class ClippedDenoiser(torch.nn.Module):
+    """The network with its denoised output clipped to [-1, 1] (FutureXiang/edm2 pred_eps_ with clip_x)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+        self.img_resolution, self.img_channels, self.label_dim = net.img_resolution, net.img_channels, net.label_dim
+
+    def forward(self, x, sigma, class_labels=None, **kwargs):
+        return self.net(x, sigma, class_labels, **kwargs).clip(-1, 1)
+
+
+def cifar_edm2_sampler(net, noise, labels=None, gnet=None, randn_like=torch.randn_like,
+    num_steps   = 18,       # Noise levels (NFE 2 N - 1).
+    sigma_min   = 0.002,    # Lowest noise level.
+    sigma_max   = 80,       # Highest noise level.
+    rho         = 7,        # Time step exponent (EDM Eq. 5).
+    eta         = 0.0,      # Stochasticity: gamma = (sqrt(2) - 1) eta for S_min <= t <= S_max; 0 = deterministic.
+    S_min       = 0.01,     # Churn range, lower end.
+    S_max       = 1,        # Churn range, upper end.
+    S_noise     = 1.007,    # Noise inflation of the churn.
+):
+    """EDM Heun sampler with the reference's settings and [-1, 1] clipping of every denoised image."""
+    from training import sampling
+    return sampling.edm_sampler(ClippedDenoiser(net), noise, labels, gnet=gnet and ClippedDenoiser(gnet),
+                                randn_like=randn_like, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
+                                rho=rho, S_churn=(np.sqrt(2) - 1) * eta * num_steps, S_min=S_min, S_max=S_max,
+                                S_noise=S_noise)
