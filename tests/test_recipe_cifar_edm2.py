@@ -96,7 +96,18 @@ class ConstantNet(torch.nn.Module):
 
 def test_sampler_clips_the_denoised_image_and_matches_edm_sampler_otherwise():
     noise = torch.randn([2, 3, 4, 4], generator=torch.Generator().manual_seed(0))
-    out = rc.cifar_edm2_sampler(ConstantNet(5.0), noise)
+    out = sampling.cifar_edm2_sampler(ConstantNet(5.0), noise)
     torch.testing.assert_close(out, torch.ones_like(out, dtype=torch.float64))  # D clipped to 1: the ODE ends at 1
-    inside = rc.cifar_edm2_sampler(ConstantNet(0.25), noise)
+    inside = sampling.cifar_edm2_sampler(ConstantNet(0.25), noise)
     torch.testing.assert_close(inside, sampling.edm_sampler(ConstantNet(0.25), noise, num_steps=18))
+    with pytest.raises(ValueError, match='eta=2'):
+        sampling.cifar_edm2_sampler(ConstantNet(0.25), noise, eta=2)
+
+
+def test_generate_uses_the_reference_sampler_for_the_cifar_nets():
+    from training.networks_cifar_edm2 import CifarPrecond
+    net = CifarPrecond(img_resolution=8, img_channels=3, config='G', n_channels=16, ch_mults=[1], is_attn=[False], n_blocks=2)
+    assert sampling.resolve_sampler('edm', net) is sampling.cifar_edm2_sampler
+    images = sampling.generate_images(net.eval(), seeds=[0, 1], batch_size=2, num_steps=4)
+    for batch in images:
+        assert batch.images.shape == (2, 3, 8, 8) and batch.images.dtype == torch.uint8

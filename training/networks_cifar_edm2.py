@@ -331,6 +331,8 @@ UNETS = {'C': UNetC, 'E': UNetE, 'G': UNetG}
 class CifarPrecond(torch.nn.Module):
     """EDM preconditioning + learned loss weighting around UNet<C|E|G> (FutureXiang/edm2 model/EDM.py)."""
 
+    default_sampler = 'cifar-edm2'  # training.sampling: the reference's clipped 18-step Heun sampler
+
     def __init__(self,
         img_resolution:     int,                # Image resolution.
         img_channels:       int,                # Image channels.

@@ -4,8 +4,8 @@ Its six configs (cifar10 / cifar100 / tinyimagenet x C / E; G runs the E hyper-p
 count time in epochs of a DistributedSampler: ceil(N / world) images per process in batches of
 batch_size // world, the last one partial. The learning rate is set once per epoch: a linear warm-up
 over warm_epoch epochs, then alpha / sqrt(max(epoch / tref_epoch, 1)) (EDM2 Eq. 67 in epochs). The EMA
-is ema-pytorch's: a fixed beta with a 1 - k^(-2/3) warm-up. Sampling is Heun with 18 steps, the
-denoised image clipped to [-1, 1] (S_noise = 1.007 only matters with eta > 0).
+is ema-pytorch's: a fixed beta with a 1 - k^(-2/3) warm-up. Sampling (training.sampling.cifar_edm2_sampler)
+is Heun with 18 steps, the denoised image clipped to [-1, 1] (S_noise = 1.007 only matters with eta > 0).
 """
 
 from __future__ import annotations
@@ -156,39 +156,9 @@ class WarmupEMA:
         self.ema.load_state_dict({k[len('ema_model.'):]: v for k, v in state.items() if k.startswith('ema_model.')})
 
 #----------------------------------------------------------------------------
-# Data and sampling.
+# Data.
 
 def random_flip(images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """RandomHorizontalFlip(p=0.5) per image, as the reference's training transform."""
     flip = torch.rand([images.shape[0], 1, 1, 1], generator=generator, device=images.device) < 0.5
     return torch.where(flip, images.flip(3), images)
-
-
-class ClippedDenoiser(torch.nn.Module):
-    """The network with its denoised output clipped to [-1, 1] (FutureXiang/edm2 pred_eps_ with clip_x)."""
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-        self.img_resolution, self.img_channels, self.label_dim = net.img_resolution, net.img_channels, net.label_dim
-
-    def forward(self, x, sigma, class_labels=None, **kwargs):
-        return self.net(x, sigma, class_labels, **kwargs).clip(-1, 1)
-
-
-def cifar_edm2_sampler(net, noise, labels=None, gnet=None, randn_like=torch.randn_like,
-    num_steps   = 18,       # Noise levels (NFE 2 N - 1).
-    sigma_min   = 0.002,    # Lowest noise level.
-    sigma_max   = 80,       # Highest noise level.
-    rho         = 7,        # Time step exponent (EDM Eq. 5).
-    eta         = 0.0,      # Stochasticity: gamma = (sqrt(2) - 1) eta for S_min <= t <= S_max; 0 = deterministic.
-    S_min       = 0.01,     # Churn range, lower end.
-    S_max       = 1,        # Churn range, upper end.
-    S_noise     = 1.007,    # Noise inflation of the churn.
-):
-    """EDM Heun sampler with the reference's settings and [-1, 1] clipping of every denoised image."""
-    from training import sampling
-    return sampling.edm_sampler(ClippedDenoiser(net), noise, labels, gnet=gnet and ClippedDenoiser(gnet),
-                                randn_like=randn_like, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
-                                rho=rho, S_churn=(np.sqrt(2) - 1) * eta * num_steps, S_min=S_min, S_max=S_max,
-                                S_noise=S_noise)
