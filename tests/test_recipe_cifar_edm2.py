@@ -111,3 +111,19 @@ def test_generate_uses_the_reference_sampler_for_the_cifar_nets():
     images = sampling.generate_images(net.eval(), seeds=[0, 1], batch_size=2, num_steps=4)
     for batch in images:
         assert batch.images.shape == (2, 3, 8, 8) and batch.images.dtype == torch.uint8
+
+
+def test_reference_checkpoint_exports_to_a_snapshot_that_generates(tmp_path):
+    from tests.test_networks_cifar_edm2 import reference_checkpoint
+    from training.networks_cifar_edm2 import CifarPrecond
+    tiny = dict(img_resolution=8, n_channels=16, ch_mults=[1], is_attn=[True], n_blocks=2, dropout=0)
+    torch.manual_seed(0)
+    net = CifarPrecond(img_channels=3, config='G', **tiny)
+    torch.save(reference_checkpoint(net), tmp_path / 'model_0.pth')
+    rc.export_reference_checkpoint(tmp_path / 'model_0.pth', 'cifar10-g', tmp_path / 'net.pkl', **tiny)
+    loaded, encoder = sampling.load_network(tmp_path / 'net.pkl')  # the safe loader
+    assert encoder is None and type(loaded).__name__ == 'CifarPrecond'
+    x, sigma = torch.randn([2, 3, 8, 8]), torch.tensor([0.5, 5.0])
+    assert torch.equal(loaded(x, sigma), net.eval()(x, sigma))
+    batches = list(sampling.generate_images(loaded, seeds=[0, 1], batch_size=2, num_steps=3))
+    assert batches[0].images.shape == (2, 3, 8, 8)

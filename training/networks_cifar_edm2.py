@@ -8,6 +8,7 @@ parameterisation), so the networks live beside it; the magnitude-preserving math
 mp_sum, mp_cat, attention) is reused from there.
 """
 
+import pickle
 from collections.abc import Sequence
 
 import numpy as np
@@ -445,7 +446,10 @@ def load_reference_checkpoint(path: str, reference_config: str, weights: str = '
     `overrides` replace network kwargs of the named configuration (e.g. n_channels for an edited YAML).
     """
     dataset, config = parse_reference_config(reference_config)
-    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f'{path} is not a checkpoint of tensors that loads safely ({str(err).splitlines()[0]})') from None
     state = reference_state_dict(checkpoint, weights)
     net = CifarPrecond(**{**network_kwargs(dataset, config), **overrides})
     check_state_dict(net, state, f'{path} ({weights} weights, as {dataset}-{config.lower()})')

@@ -162,3 +162,36 @@ def random_flip(images: torch.Tensor, generator: Optional[torch.Generator] = Non
     """RandomHorizontalFlip(p=0.5) per image, as the reference's training transform."""
     flip = torch.rand([images.shape[0], 1, 1, 1], generator=generator, device=images.device) < 0.5
     return torch.where(flip, images.flip(3), images)
+
+#----------------------------------------------------------------------------
+# Reference checkpoints -> network snapshots (for generate.py, fid.py gen / probe).
+
+def export_reference_checkpoint(path: str, reference_config: str, dest: str, weights: str = 'ema',
+                                **overrides) -> torch.nn.Module:
+    """Write the weights of a FutureXiang/edm2 model_<ep>.pth as our network snapshot pickle {'ema': CifarPrecond}."""
+    from torch_utils import persistence
+    net = networks_cifar_edm2.load_reference_checkpoint(path, reference_config, weights=weights, **overrides)
+    persistence.save_pickle(dict(ema=net), dest)
+    return net
+
+
+def _main():
+    import click
+
+    import dnnlib
+
+    @click.command()
+    @click.option('--ckpt', help='FutureXiang/edm2 checkpoint', metavar='PTH', type=str, required=True)
+    @click.option('--config', 'reference_config', help='Its configuration, e.g. cifar10-e', metavar='NAME', type=str, required=True)
+    @click.option('--dest', help='Network snapshot to write', metavar='PKL', type=str, required=True)
+    @click.option('--weights', help='Which weights', type=click.Choice(list(networks_cifar_edm2.WEIGHTS)), default='ema', show_default=True)
+    @dnnlib.util.cli_errors
+    def convert(ckpt, reference_config, dest, weights):
+        """Convert a FutureXiang/edm2 checkpoint into a network snapshot pickle of this project."""
+        net = export_reference_checkpoint(ckpt, reference_config, dest, weights=weights)
+        click.echo(f'{dest}: {type(net.nn_model).__name__}, {sum(p.numel() for p in net.parameters() if p.requires_grad)} parameters, {weights} weights')
+    convert()
+
+
+if __name__ == '__main__':
+    _main()
