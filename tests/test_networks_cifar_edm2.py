@@ -171,6 +171,20 @@ def test_checkpoint_of_another_config_names_first_mismatching_keys(tiny, tmp_pat
         fx.parse_reference_config('cifar10-x')
 
 
+def test_bad_network_arguments_are_one_line_errors():
+    for config, kwargs, message in (('E', dict(n_channels=16), 'multiple of 32 channels'),
+                                    ('C', dict(is_attn=[True]), 'one entry per ch_mults'),
+                                    ('G', dict(n_blocks=1), 'at least 2'),
+                                    ('G', dict(attn_channels_per_head=48), 'must divide the 256 channels')):
+        with pytest.raises(ValueError, match=message):
+            with torch.device('meta'):
+                fx.UNETS[config](**kwargs)
+    with pytest.raises(ValueError, match="config must be one of \\('C', 'E', 'G'\\)"):
+        fx.CifarPrecond(img_resolution=32, img_channels=3, config='F')
+    with pytest.raises(ValueError, match='unconditional'):
+        fx.CifarPrecond(img_resolution=32, img_channels=3, label_dim=10)
+
+
 @pytest.mark.parametrize('config', ['C', 'G'])
 def test_pickle_round_trip_with_the_safe_loader(tiny, tmp_path, config):
     net = tiny_precond(tiny, config)

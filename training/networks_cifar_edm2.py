@@ -245,6 +245,9 @@ class _UNet(torch.nn.Module):
             raise ValueError(f'is_attn={list(is_attn)} needs one entry per ch_mults={list(ch_mults)}')
         if n_blocks < 2:
             raise ValueError(f'n_blocks={n_blocks} must be at least 2')
+        if config != 'G' and any(n_channels * m % 32 for m in ch_mults):
+            raise ValueError(f'n_channels={n_channels} x ch_mults={list(ch_mults)}: config {config} normalises with '
+                             f'GroupNorm(32), so every level needs a multiple of 32 channels')
         self.config = config
         self.image_shape = list(image_shape)
         emb_channels = 4 * n_channels
