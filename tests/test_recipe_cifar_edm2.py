@@ -127,3 +127,20 @@ def test_reference_checkpoint_exports_to_a_snapshot_that_generates(tmp_path):
     assert torch.equal(loaded(x, sigma), net.eval()(x, sigma))
     batches = list(sampling.generate_images(loaded, seeds=[0, 1], batch_size=2, num_steps=3))
     assert batches[0].images.shape == (2, 3, 8, 8)
+
+
+def test_loss_is_the_mean_over_elements_of_the_edm2_loss(tmp_path):
+    from torch_utils import persistence
+    from training.loss import EDM2Loss
+    from training.networks_cifar_edm2 import CifarPrecond
+    torch.manual_seed(0)
+    net = CifarPrecond(img_resolution=8, img_channels=3, config='G', n_channels=16, ch_mults=[1], is_attn=[False], n_blocks=2)
+    images = torch.randn([4, 3, 8, 8])
+    loss_fn = rc.CifarEDM2Loss(flip=False)
+    torch.manual_seed(1)
+    loss = loss_fn(net, images)
+    torch.manual_seed(1)
+    expected = EDM2Loss(P_mean=-1.2, P_std=1.2)(net, images).mean(dim=(1, 2, 3))
+    assert loss.shape == (4,) and torch.equal(loss, expected)
+    persistence.save_pickle(dict(loss_fn=rc.CifarEDM2Loss()), tmp_path / 'loss.pkl')
+    assert persistence.load_pickle(tmp_path / 'loss.pkl')['loss_fn'].flip is True  # the safe loader knows it
