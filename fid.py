@@ -133,7 +133,7 @@ def main():
     \b
     # Linear-probe accuracy of a denoiser's features (CIFAR EDM2 reimplementation)
     torchrun --standalone --nproc_per_node=4 fid.py probe --net=network-snapshot.pkl \\
-        --data=datasets/cifar10-train.zip --test-data=datasets/cifar10-test.zip
+        --data=datasets/cifar10-32x32.zip --test-data=datasets/cifar10-test.zip
     """
 
 #----------------------------------------------------------------------------
