@@ -88,7 +88,7 @@ def learning_rate(epoch: int, lrate: float, warm_epoch: int, tref_epoch: Optiona
     """lrate (epoch + 1) / warm_epoch during warm-up, then lrate / sqrt(max(epoch / tref_epoch, 1)) (0-based epoch)."""
     if epoch < warm_epoch:
         return lrate * (epoch + 1) / warm_epoch
-    return lrate / np.sqrt(max(epoch / (n_epoch if tref_epoch is None else tref_epoch), 1))
+    return float(lrate / np.sqrt(max(epoch / (n_epoch if tref_epoch is None else tref_epoch), 1)))  # a Python float: safe to torch.load
 
 
 def epoch_of_step(step: int, num_images: int, batch_size: int, world_size: int = 1) -> int:
