@@ -44,6 +44,7 @@ def test_learning_rate_warms_up_then_decays_per_epoch():
     lr = lambda cfg, ep: rc.learning_rate(ep, cfg.lrate, cfg.warm_epoch, cfg.tref_epoch, cfg.n_epoch)  # noqa: E731
     assert lr(c, 0) == pytest.approx(4e-4 / 200) and lr(c, 199) == pytest.approx(4e-4)
     assert lr(c, 200) == lr(c, 999) == 4e-4                # C: constant after warm-up (tref = n_epoch)
+    assert type(lr(e, 800)) is float  # numpy scalars in an optimizer state_dict break torch.load(weights_only=True)
     assert lr(e, 399) == 2e-2 and lr(e, 1600) == pytest.approx(1e-2) and lr(e, 800) == pytest.approx(2e-2 / np.sqrt(2))
 
 
