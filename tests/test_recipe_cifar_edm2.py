@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from training import recipe_cifar_edm2 as rc
+from training.loss import CifarEDM2Loss, random_flip
 from training import sampling
 
 # configs.md: (n_epoch, batch_size, lrate, warm_epoch, tref_epoch, flip, linear.timestep) per YAML.
@@ -78,7 +79,7 @@ def test_ema_follows_ema_pytorch_update_rule():
 
 def test_random_flip_flips_about_half():
     images = torch.arange(4.0).reshape(1, 1, 1, 4).repeat(1000, 1, 1, 1)
-    flipped = rc.random_flip(images, torch.Generator().manual_seed(0))
+    flipped = random_flip(images, torch.Generator().manual_seed(0))
     is_flipped = flipped[:, 0, 0, 0] == 3
     assert torch.equal(flipped[is_flipped], images[is_flipped].flip(3)) and torch.equal(flipped[~is_flipped], images[~is_flipped])
     assert 400 < int(is_flipped.sum()) < 600
@@ -137,11 +138,11 @@ def test_loss_is_the_mean_over_elements_of_the_edm2_loss(tmp_path):
     torch.manual_seed(0)
     net = CifarPrecond(img_resolution=8, img_channels=3, config='G', n_channels=16, ch_mults=[1], is_attn=[False], n_blocks=2)
     images = torch.randn([4, 3, 8, 8])
-    loss_fn = rc.CifarEDM2Loss(flip=False)
+    loss_fn = CifarEDM2Loss(flip=False)
     torch.manual_seed(1)
     loss = loss_fn(net, images)
     torch.manual_seed(1)
     expected = EDM2Loss(P_mean=-1.2, P_std=1.2)(net, images).mean(dim=(1, 2, 3))
     assert loss.shape == (4,) and torch.equal(loss, expected)
-    persistence.save_pickle(dict(loss_fn=rc.CifarEDM2Loss()), tmp_path / 'loss.pkl')
+    persistence.save_pickle(dict(loss_fn=CifarEDM2Loss()), tmp_path / 'loss.pkl')
     assert persistence.load_pickle(tmp_path / 'loss.pkl')['loss_fn'].flip is True  # the safe loader knows it

@@ -45,7 +45,6 @@ KNOWN_MODULES = [
     'training.networks',
     'training.networks_edm2',
     'training.networks_cifar_edm2',
-    'training.recipe_cifar_edm2',
     'training.preconditioning',
     'training.loss',
     'training.augment',

@@ -8,14 +8,20 @@ parameterisation), so the networks live beside it; the magnitude-preserving math
 mp_sum, mp_cat, attention) is reused from there.
 """
 
-import pickle
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from torch_utils import persistence
-from training.networks_edm2 import MPConv, attention, mp_cat, mp_silu, mp_sum
+
+# Pickles embed this file's source; code that runs it elsewhere has only torch, numpy and torch_utils.
+try:  # the EDM2 layers are shared with our EDM2 network
+    from training.networks_edm2 import MPConv, attention, mp_cat, mp_silu, mp_sum
+except ImportError:
+    def _needs_this_project(*args, **kwargs):
+        raise ImportError('the CIFAR EDM2 networks need training/networks_edm2.py of this project')
+    MPConv = attention = mp_cat = mp_silu = mp_sum = _needs_this_project
 
 CONFIGS = ('C', 'E', 'G')
 
@@ -449,6 +455,7 @@ def load_reference_checkpoint(path: str, reference_config: str, weights: str = '
     `overrides` replace network kwargs of the named configuration (e.g. n_channels for an edited YAML).
     """
     dataset, config = parse_reference_config(reference_config)
+    import pickle
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as err:

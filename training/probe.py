@@ -220,12 +220,6 @@ def iterate_split(dataset, batch_size: int, device: torch.device, shuffle_seed: 
         yield images.to(device).to(torch.float32) / 255, labels.to(device)
 
 
-def random_flip(images: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Mirror each image horizontally with probability 1/2 (torchvision RandomHorizontalFlip)."""
-    flip = torch.rand([images.shape[0], 1, 1, 1], generator=generator, device=images.device) < 0.5
-    return torch.where(flip, images.flip(3), images)
-
-
 def check_labels(train_set, test_set, net, train_name: str, test_name: str) -> int:
     """Number of classes; ValueError when a split has no labels or the class counts disagree."""
     for flag, name, dataset in (('--data', train_name, train_set), ('--test-data', test_name, test_set)):
@@ -260,6 +254,8 @@ def run_probe(net: torch.nn.Module, train_set, test_set, cfg: ProbeConfig, devic
               names: tuple[str, str] = ('train', 'test')) -> dict:
     """Linear-probe accuracy in % ({'probe_acc', 't', 'sigma', 'block', 'grid'}); every rank returns it."""
     import tqdm
+
+    from training.loss import random_flip
     num_classes = check_labels(train_set, test_set, net, *names)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1

@@ -18,9 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from torch_utils import persistence
 from training import networks_cifar_edm2
-from training.loss import EDM2Loss
 
 #----------------------------------------------------------------------------
 # The configs (config/<dataset>/<C|E>.yaml; G = UNetG with the E file).
@@ -156,33 +154,6 @@ class WarmupEMA:
         """Inverse of state_dict(); also reads the "EMA" entry of a reference checkpoint."""
         self.initted, self.step = bool(state['initted']), int(state['step'])
         self.ema.load_state_dict({k[len('ema_model.'):]: v for k, v in state.items() if k.startswith('ema_model.')})
-
-#----------------------------------------------------------------------------
-# Data.
-
-def random_flip(images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """RandomHorizontalFlip(p=0.5) per image, as the reference's training transform."""
-    flip = torch.rand([images.shape[0], 1, 1, 1], generator=generator, device=images.device) < 0.5
-    return torch.where(flip, images.flip(3), images)
-
-@persistence.persistent_class
-class CifarEDM2Loss(EDM2Loss):
-    """Random x-flip, then the learned-uncertainty loss (EDM2 Eq. 21) averaged over C, H, W per image (EDM.forward)."""
-
-    def __init__(self,
-        P_mean      = -1.2,     # Mean of ln(sigma).
-        P_std       = 1.2,      # Standard deviation of ln(sigma).
-        sigma_data  = 0.5,      # Expected standard deviation of the training data.
-        flip        = True,     # RandomHorizontalFlip of the reference's data transform.
-    ):
-        super().__init__(P_mean=P_mean, P_std=P_std, sigma_data=sigma_data)
-        self.flip = flip
-
-    def __call__(self, net, images, labels=None, augment_pipe=None):
-        """Per-image loss [N]; the training loop's sum / N is then the reference's mean over all elements."""
-        if self.flip:
-            images = random_flip(images)
-        return super().__call__(net, images, labels, augment_pipe).mean(dim=(1, 2, 3))
 
 #----------------------------------------------------------------------------
 # Reference checkpoints -> network snapshots (for generate.py, fid.py gen / probe).
