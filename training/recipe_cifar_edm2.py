@@ -13,12 +13,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 from typing import Optional
 
 import numpy as np
 import torch
 
+import dnnlib
+from torch_utils import training_stats
 from training import networks_cifar_edm2
+from training.recipes import EDMRecipe
 
 #----------------------------------------------------------------------------
 # The configs (config/<dataset>/<C|E>.yaml; G = UNetG with the E file).
@@ -154,6 +158,58 @@ class WarmupEMA:
         """Inverse of state_dict(); also reads the "EMA" entry of a reference checkpoint."""
         self.initted, self.step = bool(state['initted']), int(state['step'])
         self.ema.load_state_dict({k[len('ema_model.'):]: v for k, v in state.items() if k.startswith('ema_model.')})
+
+#----------------------------------------------------------------------------
+# The recipe object of the training loop (train.py --preset=cifar-edm2-*).
+
+def network_kwargs(cfg) -> dnnlib.EasyDict:
+    """CifarPrecond kwargs of a TrainConfig, named as the YAML `network` section (is_attn per level)."""
+    is_attn = [(cfg.resolution >> level) in cfg.attn_resolutions for level in range(len(cfg.channel_mult))]
+    kwargs = dnnlib.EasyDict(class_name='training.networks_cifar_edm2.CifarPrecond', config=cfg.edm2_config,
+                             n_channels=cfg.model_channels, ch_mults=list(cfg.channel_mult), is_attn=is_attn,
+                             dropout=cfg.dropout, n_blocks=cfg.num_blocks)
+    if cfg.sigma_data != 0.5:
+        kwargs.sigma_data = cfg.sigma_data
+    return kwargs
+
+
+class CifarEDM2Recipe(EDMRecipe):
+    """FutureXiang/edm2 train.py: Adam, per-epoch warm-up + inverse-sqrt lr, ema-pytorch EMA, reference checkpoints."""
+
+    name = 'cifar-edm2'
+    kimg_digits = 6
+
+    def make_ema(self, net):
+        return WarmupEMA(net, beta=self.cfg.ema_beta)
+
+    def epoch(self, cur_nimg: int) -> int:
+        """The 0-based epoch of the optimizer step taken at cur_nimg (reference epoch length, one process)."""
+        return epoch_of_step(cur_nimg // self.cfg.batch_size, self.cfg.epoch_images, self.cfg.batch_size)
+
+    def learning_rate(self, cur_nimg: int) -> float:
+        cfg = self.cfg
+        lr = learning_rate(self.epoch(cur_nimg), cfg.lr, cfg.lr_warmup_epochs, cfg.lr_tref_epochs, n_epoch=cfg.lr_tref_epochs)
+        training_stats.report('Loss/learning_rate', lr)
+        return lr
+
+    def clean_gradients(self, params) -> None:
+        pass  # the reference steps on the raw gradients (GradScaler skips non-finite ones under --use_amp)
+
+    def update_ema(self, ema, prev_nimg: int, cur_nimg: int) -> None:
+        ema.update()
+
+    def save_snapshot(self, ctx) -> list[str]:
+        """network-snapshot-<kimg>.pkl (EMA net, for generate.py) and ckpts/model_<epoch>.pth in the reference layout."""
+        paths = super().save_snapshot(ctx)
+        epoch = self.epoch(ctx.cur_nimg) - 1  # the last completed epoch, as the reference names its checkpoints
+        path = os.path.join(ctx.run_dir, 'ckpts', f'model_{max(epoch, 0)}.pth')
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        data = dict(MODEL={f'module.{k}': v for k, v in ctx.net.state_dict().items()}, EMA=ctx.ema.state_dict(),
+                    opt=ctx.optimizer.state_dict())
+        with dnnlib.util.atomic_write(path, 'wb') as f:
+            torch.save(data, f)
+        return paths + [path]
+
 
 #----------------------------------------------------------------------------
 # Reference checkpoints -> network snapshots (for generate.py, fid.py gen / probe).
