@@ -112,7 +112,7 @@ def pr_context(pr: metrics_lib.PRConfig | None, pr_detector: str) -> dict:
 
 @click.group()
 def main():
-    """Calculate evaluation metrics (FID, FD_DINOv2, precision/recall).
+    """Calculate evaluation metrics (FID, FD_DINOv2, precision/recall, linear probe).
 
     Examples:
 
@@ -129,6 +129,11 @@ def main():
     \b
     # Dataset reference statistics: .npz (EDM, FID) or .pkl (EDM2, FID + FD_DINOv2)
     python fid.py ref --data=datasets/cifar10-32x32.zip --dest=fid-refs/cifar10-32x32.npz
+
+    \b
+    # Linear-probe accuracy of a denoiser's features (CIFAR EDM2 reimplementation)
+    torchrun --standalone --nproc_per_node=4 fid.py probe --net=network-snapshot.pkl \\
+        --data=datasets/cifar10-32x32.zip --test-data=datasets/cifar10-test.zip
     """
 
 #----------------------------------------------------------------------------
@@ -198,6 +203,40 @@ def ref(data, dest, seed, batch, workers, metrics, detector, dinov2, device, pr_
     stats = metrics_lib.ref(data, dest, metrics=metrics, seed=seed, batch_size=batch, num_workers=workers,
                             device=device, detector=detector, dinov2=dinov2, pr_detector=pr_detector, vgg16=vgg16)
     dist.print0(f'Saved statistics of {stats["num_images"]} images to {dest}')
+
+#----------------------------------------------------------------------------
+
+@main.command()
+@click.option('--net', help='Network pickle, or a FutureXiang/edm2 model_<ep>.pth (with --reference-config)', metavar='PKL|PTH|URL', type=str, required=True)
+@click.option('--data', help='Labelled training split', metavar='PATH|ZIP', type=str, required=True)
+@click.option('--test-data', help='Labelled test split', metavar='PATH|ZIP', type=str, required=True)
+@click.option('--reference-config', help='Configuration of a .pth checkpoint, e.g. cifar10-e', metavar='NAME', type=str, default=None)
+@click.option('--weights', help='Weights of a .pth checkpoint', type=click.Choice(['ema', 'online', 'model']), default='ema', show_default=True)
+@click.option('--t', 't', help='Noise index into the reversed 18-step schedule  [default: 4 at 32x32, 5 above]', metavar='INT', type=click.IntRange(min=0), default=None)
+@click.option('--block', help='Decoder block whose pooled output is probed  [default: out_6]', metavar='out_K', type=str, default=None)
+@click.option('--grid', help='Every t in 3,4,5 x every decoder block; report the best', is_flag=True, default=False)
+@click.option('--epochs', help='Classifier epochs  [default: 15]', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--batch', 'batch_size', help='Images per process per step  [default: 128]', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--lr', help='Adam learning rate per process, times the process count  [default: 0.001]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--flip/--no-flip', help='Random x-flips of the training images  [default: flip]', default=None)
+@click.option('--seed', help='Seed of noise, flips, order and classifier init  [default: 1337]', metavar='INT', type=int, default=None)
+@click.option('--precision', help='Feature precision; auto = bf16 on CUDA where supported  [default: auto]', type=click.Choice(['auto', 'bf16', 'fp32']), default=None)
+@click.option('--workers', help='Subprocesses for data loading  [default: 1]', metavar='INT', type=click.IntRange(min=0), default=None)
+@click.option('--trust-pickle', 'trust', help='Load pickles that run their embedded code', is_flag=True, default=False)
+@click.option('--device', help='Compute device', metavar='auto|cuda|cpu|mps', type=str, default='auto', show_default=True)
+@click.option('--metrics-file', help='Append one JSON line with the result to this file', metavar='JSONL', type=str, default=None)
+@dnnlib.util.cli_errors
+def probe(net, data, test_data, reference_config, weights, trust, device, metrics_file, **options):
+    """Linear-probe accuracy of a denoiser's features (FutureXiang/edm2 linear.py)."""
+    from training import probe as probe_lib
+    device = setup_device(device)
+    cfg = probe_lib.build_config(**options)
+    result = probe_lib.probe(net, data, test_data, cfg, device, trust=trust, reference_config=reference_config, weights=weights)
+    context = dict(command='probe', net=net, data=data, test_data=test_data, **{k: v for k, v in result.items() if k != 'probe_acc'})
+    report([dict(probe_acc=result['probe_acc'])], context, metrics_file)
+    if 'grid' in result:
+        dist.print0('\n'.join(f'  {name}: {acc:.2f}' for name, acc in result['grid'].items()))
+    dist.barrier()
 
 #----------------------------------------------------------------------------
 

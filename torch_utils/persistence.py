@@ -46,6 +46,7 @@ _registry = dict()              # {class_name: decorated class}, used by the saf
 KNOWN_MODULES = [
     'training.networks',
     'training.networks_edm2',
+    'training.networks_cifar_edm2',
     'training.preconditioning',
     'training.loss',
     'training.augment',

@@ -226,3 +226,32 @@ class STFLoss:
         if isinstance(self.base_loss, EDM2Loss) and augment_pipe is not None:
             raise ValueError('EDM2Loss does not support an augmentation pipeline; use --augment=0')
         return self.base_loss.denoising_loss(net, images, labels, augment_pipe, target_fn=target_fn)
+
+#----------------------------------------------------------------------------
+# The CIFAR EDM2 reimplementation (FutureXiang/edm2 model/EDM.py, train.py).
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mirror each image horizontally with probability 1/2 (torchvision RandomHorizontalFlip)."""
+    flip = torch.rand([images.shape[0], 1, 1, 1], generator=generator, device=images.device) < 0.5
+    return torch.where(flip, images.flip(3), images)
+
+
+@persistence.persistent_class
+class CifarEDM2Loss(EDM2Loss):
+    """Random x-flip, then the learned-uncertainty loss (EDM2 Eq. 21) averaged over C, H, W per image (EDM.forward)."""
+
+    def __init__(self,
+        P_mean      = -1.2,     # Mean of ln(sigma).
+        P_std       = 1.2,      # Standard deviation of ln(sigma).
+        sigma_data  = 0.5,      # Expected standard deviation of the training data.
+        flip        = True,     # RandomHorizontalFlip of the reference's data transform.
+    ):
+        super().__init__(P_mean=P_mean, P_std=P_std, sigma_data=sigma_data)
+        self.flip = flip
+
+    def __call__(self, net, images, labels=None, augment_pipe=None):
+        """Per-image loss [N]; the training loop's sum / N is then the reference's mean over all elements."""
+        if self.flip:
+            images = random_flip(images)
+        return super().__call__(net, images, labels, augment_pipe).mean(dim=(1, 2, 3))

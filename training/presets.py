@@ -13,9 +13,9 @@ import dataclasses
 from dataclasses import dataclass, replace
 from typing import Optional
 
-ARCHS = ('ddpmpp', 'ncsnpp', 'adm', 'edm2', 'ddpm')
-PRECONDS = ('vp', 've', 'edm', 'edm2', 'ddpm')
-RECIPES = ('edm', 'edm2', 'ddpm')
+ARCHS = ('ddpmpp', 'ncsnpp', 'adm', 'edm2', 'ddpm', 'cifar-edm2')
+PRECONDS = ('vp', 've', 'edm', 'edm2', 'ddpm', 'cifar-edm2')
+RECIPES = ('edm', 'edm2', 'ddpm', 'cifar-edm2')
 
 # Architecture defaults of EDM train.py / EDM2 networks_edm2.UNet.
 ARCH_DEFAULTS = {
@@ -95,6 +95,12 @@ class TrainConfig:
     grad_norm:          Optional[float]         = None      # Clip the global gradient norm; 0 = no clipping.
     lr_warmup_steps:    Optional[int]           = None      # Linear learning-rate warm-up in optimizer steps.
     epochs:             Optional[float]         = None      # Duration in epochs of the dataset; None = total_nimg.
+    # CIFAR EDM2 recipe (FutureXiang/edm2, training/presets_cifar_edm2.py); None for the other recipes.
+    lr_warmup_epochs:   Optional[int]           = None      # Linear learning-rate warm-up, in epochs.
+    lr_tref_epochs:     Optional[int]           = None      # Inverse-sqrt learning-rate decay from this epoch on.
+    ema_beta:           Optional[float]         = None      # EMA decay, reached by ema-pytorch's 1 - k^(-2/3) warm-up.
+    epoch_images:       Optional[int]           = None      # Images per epoch (training split) for the schedule.
+    random_flip:        Optional[bool]          = None      # Flip each training image at random (not --xflip's copies).
 
 
 def _edm(**kwargs) -> TrainConfig:
@@ -177,6 +183,10 @@ from training.presets_ddpm import DDPM_PRESETS, resolve_ddpm, validate_ddpm  # n
 
 PRESETS.update(DDPM_PRESETS)
 
+from training.presets_cifar_edm2 import CIFAR_EDM2_PRESETS, validate_cifar_edm2  # noqa: E402  (needs TrainConfig)
+
+PRESETS.update(CIFAR_EDM2_PRESETS)
+
 #----------------------------------------------------------------------------
 
 
@@ -227,7 +237,7 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f'--precond={cfg.precond} must be one of {", ".join(PRECONDS)}')
     if cfg.edm2_config not in tuple('BCDEFG'):
         raise ValueError(f'--edm2-config={cfg.edm2_config} must be one of B, C, D, E, F, G (EDM2 Table 1)')
-    if cfg.edm2_config != 'G' and cfg.arch != 'edm2':
+    if cfg.edm2_config != 'G' and cfg.arch not in ('edm2', 'cifar-edm2'):
         raise ValueError(f'--edm2-config={cfg.edm2_config} needs --arch=edm2 (got --arch={cfg.arch})')
     if (cfg.arch == 'edm2') != (cfg.precond == 'edm2'):
         raise ValueError(f'--arch={cfg.arch} and --precond={cfg.precond} do not match; '
@@ -235,6 +245,7 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.recipe == 'edm2' and cfg.augment > 0:
         raise ValueError(f'--augment={cfg.augment} is not supported by the EDM2 recipe; use --augment=0')
     validate_ddpm(cfg)
+    validate_cifar_edm2(cfg)
     if cfg.fp16 and cfg.bf16:
         raise ValueError('--fp16 and --bf16 are mutually exclusive; pick one')
     for name in ('total_nimg', 'batch_size', 'model_channels'):

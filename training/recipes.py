@@ -201,7 +201,8 @@ class EDM2Recipe(Recipe):
 
 
 # A recipe in its own module is named by 'module.Class' (imported when used).
-RECIPE_CLASSES: dict[str, type | str] = {'edm': EDMRecipe, 'edm2': EDM2Recipe, 'ddpm': 'training.recipe_ddpm.DDPMRecipe'}
+RECIPE_CLASSES: dict[str, type | str] = {'edm': EDMRecipe, 'edm2': EDM2Recipe, 'ddpm': 'training.recipe_ddpm.DDPMRecipe',
+                                          'cifar-edm2': 'training.recipe_cifar_edm2.CifarEDM2Recipe'}
 
 
 def make_recipe(cfg) -> Recipe:

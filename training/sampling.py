@@ -412,6 +412,41 @@ def dpmpp2m_sde_sampler(net, noise, labels=None, gnet=None, randn_like=torch.ran
     return dpmpp2m_sampler(net, noise, labels, gnet, randn_like, num_steps=num_steps, **{'eta': 1, **kwargs})
 
 #----------------------------------------------------------------------------
+# The CIFAR EDM2 reimplementation's sampler (FutureXiang/edm2 EDM.edm_sample).
+
+class ClippedDenoiser(torch.nn.Module):
+    """The network with its denoised output clipped to [-1, 1] (FutureXiang/edm2 pred_eps_, clip_x=True)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+        self.img_resolution, self.img_channels, self.label_dim = net.img_resolution, net.img_channels, net.label_dim
+
+    def forward(self, x, sigma, class_labels=None, **kwargs):
+        return self.net(x, sigma, class_labels, **kwargs).clip(-1, 1)
+
+
+def cifar_edm2_sampler(
+    net, noise, labels=None, gnet=None, randn_like=torch.randn_like,
+    num_steps   = 18,           # Noise levels (NFE 2 N - 1).
+    sigma_min   = 0.002,        # Lowest noise level.
+    sigma_max   = 80,           # Highest noise level.
+    rho         = 7,            # Time step exponent (EDM Eq. 5).
+    guidance    = 1,            # Guidance weight w; 1 = no guidance, gnet unused.
+    eta         = 0.0,          # Churn gamma = (sqrt(2) - 1) eta in [S_min, S_max], eta in [0, 1]; 0 = deterministic.
+    S_min       = 0.01,         # Churn range, lower end.
+    S_max       = 1,            # Churn range, upper end.
+    S_noise     = 1.007,        # Noise inflation of the churn.
+    dtype       = torch.float64,# Precision of the sampler state.
+):
+    """EDM Heun sampler with the reference's settings and every denoised image clipped to [-1, 1]."""
+    if not 0 <= eta <= 1:
+        raise ValueError(f'eta={eta} must be in [0, 1] (gamma = (sqrt(2) - 1) eta)')
+    return edm_sampler(ClippedDenoiser(net), noise, labels, gnet=gnet and ClippedDenoiser(gnet), randn_like=randn_like,
+                       num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, guidance=guidance,
+                       S_churn=(np.sqrt(2) - 1) * eta * num_steps, S_min=S_min, S_max=S_max, S_noise=S_noise, dtype=dtype)
+
+#----------------------------------------------------------------------------
 # Sampler registry.
 
 SAMPLERS = {
@@ -423,6 +458,7 @@ SAMPLERS = {
     'ddpm':         ddpm_sampler,
     'dpmpp2m':      dpmpp2m_sampler,
     'dpmpp2m-sde':  dpmpp2m_sde_sampler,
+    'cifar-edm2':   cifar_edm2_sampler,
 }
 
 _WRAPPED = {ddpm_sampler: ddim_sampler, dpmpp2m_sde_sampler: dpmpp2m_sampler}
@@ -439,6 +475,8 @@ def resolve_sampler(name: str, net) -> Callable:
         from training.sampling_ddpm import discrete_sampler
         return discrete_sampler(name)
     if name == 'edm':
+        if getattr(net, 'default_sampler', None) in SAMPLERS:  # e.g. the CIFAR EDM2 nets: 'cifar-edm2'
+            return SAMPLERS[net.default_sampler]
         return edm_sampler if hasattr(net, 'round_sigma') else edm2_sampler
     return SAMPLERS[name]
 

@@ -54,11 +54,14 @@ _SONG_UNET = {
     'adm':    dict(model_type='DhariwalUNet'),
 }
 _PRECOND_CLASSES = {'vp': 'VPPrecond', 've': 'VEPrecond', 'edm': 'EDMPrecond'}
-_LOSS_CLASSES = {'vp': 'VPLoss', 've': 'VELoss', 'edm': 'EDMLoss', 'edm2': 'EDM2Loss'}
+_LOSS_CLASSES = {'vp': 'VPLoss', 've': 'VELoss', 'edm': 'EDMLoss', 'edm2': 'EDM2Loss', 'cifar-edm2': 'CifarEDM2Loss'}
 
 
 def network_kwargs(cfg: TrainConfig) -> dnnlib.EasyDict:
     """Network constructor kwargs as EDM train.py / EDM2 train_edm2.py build them."""
+    if cfg.arch == 'cifar-edm2':  # FutureXiang/edm2's own U-Nets, named as its YAML files
+        from training.recipe_cifar_edm2 import network_kwargs as cifar_network_kwargs
+        return cifar_network_kwargs(cfg)
     if cfg.arch == 'edm2':
         kwargs = dnnlib.EasyDict(class_name='training.networks_edm2.Precond', model_channels=cfg.model_channels,
                                  dropout=cfg.dropout)
@@ -85,10 +88,12 @@ def network_kwargs(cfg: TrainConfig) -> dnnlib.EasyDict:
 def loss_kwargs(cfg: TrainConfig) -> dnnlib.EasyDict:
     """Loss constructor kwargs; STF wraps the loss of the chosen preconditioning."""
     kwargs = dnnlib.EasyDict()
-    if cfg.precond in ('edm', 'edm2'):
+    if cfg.precond in ('edm', 'edm2', 'cifar-edm2'):
         kwargs.update({k: getattr(cfg, k) for k in ('P_mean', 'P_std') if getattr(cfg, k) is not None})
         if cfg.sigma_data != 0.5:
             kwargs.sigma_data = cfg.sigma_data
+    if cfg.random_flip is not None:
+        kwargs.flip = cfg.random_flip
     if cfg.stf:
         return dnnlib.EasyDict(class_name='training.loss.STFLoss', base=cfg.precond, rbatch=cfg.rbatch, **kwargs)
     return dnnlib.EasyDict(class_name=f'training.loss.{_LOSS_CLASSES[cfg.precond]}', **kwargs)
