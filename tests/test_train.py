@@ -12,13 +12,11 @@ import PIL.Image
 import pytest
 import torch
 
-from tests.conftest import ASSETS, free_port
+from tests.conftest import cifar_mini, free_port
 from torch_utils import distributed as dist
 from torch_utils import persistence
 from training import training_loop as tl
 from training.presets import build_config
-
-CIFAR = ASSETS / 'cifar-10-batches-py'
 
 #----------------------------------------------------------------------------
 # Fixtures and helpers.
@@ -43,12 +41,9 @@ def write_dataset(folder, images, labels=None):
 @pytest.fixture(scope='module')
 def cifar(tmp_path_factory):
     """256 CIFAR-10 training images box-downsampled to 8x8 (with labels), plus 16x16 and label-less variants."""
-    if not CIFAR.is_dir():
-        pytest.skip(f'CIFAR-10 batches not found at {CIFAR}')
-    with open(CIFAR / 'data_batch_1', 'rb') as f:
-        raw = pickle.load(f, encoding='bytes')
-    pixels = raw[b'data'][:256].reshape(256, 3, 32, 32).astype(np.float32)
-    labels = np.asarray(raw[b'labels'][:256])
+    images, labels = cifar_mini()
+    pixels = images[:256].transpose(0, 3, 1, 2).astype(np.float32)
+    labels = labels[:256]
     def downsample(res):
         x = pixels.reshape(256, 3, res, 32 // res, res, 32 // res).mean(axis=(3, 5))
         return np.rint(x).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
