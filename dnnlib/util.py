@@ -41,6 +41,14 @@ class UserError(Exception):
 
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError)
 
+def require(module: str, purpose: str, pip: str | None = None):
+    """Import an optional or --no-deps-skipped package, or raise one UserError line naming the pip command."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f'{purpose} needs the {module.split(".")[0]} package: pip install {pip or module}') from None
+
 def cli_errors(fn: Callable) -> Callable:
     """Turn user errors raised below a click command into one clean line and exit code 1."""
     @functools.wraps(fn)
