@@ -87,7 +87,8 @@ def overrides_from_options(opts: dict) -> dict:
               seed=o.pop('seed'), device=o.pop('device'), compile=o.pop('compile'), channels_last=o.pop('channels_last'),
               deterministic=o.pop('deterministic'), cudnn_benchmark=o.pop('bench'), workers=o.pop('workers'), cache=o.pop('cache'),
               transfer=o.pop('transfer'), resume=o.pop('resume'), status_nimg=o.pop('status'),
-              snapshot_nimg=o.pop('snapshot'), checkpoint_nimg=o.pop('checkpoint'))
+              snapshot_nimg=o.pop('snapshot'), checkpoint_nimg=o.pop('checkpoint'),
+              allow_option_change=o.pop('allow_option_change') or None)
     ov.update(tick_intervals(presets.PRESETS[opts['preset']], o.pop('tick'), o.pop('snap'), o.pop('dump'), ov))
     ema_stds = o.pop('ema_stds')
     if ema_stds is not None:
@@ -165,6 +166,7 @@ def tick_intervals(preset: presets.TrainConfig, tick, snap, dump, ov: dict) -> d
 @click.option('--seed',          help='Random seed', metavar='INT', type=click.IntRange(min=0))
 @click.option('--transfer',      help='Initialise from network pickle', metavar='PKL|URL', type=str)
 @click.option('--resume',        help='Resume from training-state-*.pt', metavar='PT', type=str)
+@click.option('--allow-option-change', help='Resume even if run-altering options differ from the run folder\'s', is_flag=True)
 @click.option('-n', '--dry-run', help='Print the resolved config and exit (EDM train.py)', is_flag=True)
 @click.option('--first-step',    help='Train until the first optimizer step is done, then stop without saving (ddpm-torch --dry-run)', is_flag=True, default=None)
 # DDPM recipe (ddpm-* presets; names of tqch/ddpm-torch train.py).

@@ -278,7 +278,7 @@ def test_nan_loss_stops_and_keeps_last_good_state(cifar, tmp_path):
     before = sorted(os.listdir(tmp_path))
     good = (tmp_path / 'training-state-000000.pt').read_bytes()
     with pytest.raises(tl.NonFiniteLossError, match='NaN'):
-        train(tmp_path, data=cifar['c8'], total_nimg=256, P_mean=1000.0)  # sigma = inf
+        train(tmp_path, data=cifar['c8'], total_nimg=256, P_mean=1000.0, allow_option_change=True)  # sigma = inf
     assert sorted(os.listdir(tmp_path)) == before
     assert (tmp_path / 'training-state-000000.pt').read_bytes() == good
     assert 'NaN' in (tmp_path / 'log.txt').read_text()

@@ -139,14 +139,32 @@ def test_cli_trains_and_resumes(cifar, tmp_path, monkeypatch):  # noqa: F811
     try:
         args = ['--preset=tiny-edm', f'--data={cifar["c8"]}', f'--outdir={tmp_path}', '--nosubdir', '--batch=16', '--status=16']
         assert invoke(args + ['--duration=0.000032']).exit_code == 0
-        result = invoke(args + ['--duration=0.000064', '--stf', '--rbatch=32'])
+        result = invoke(args + ['--duration=0.000064', '--stf', '--rbatch=32', '--allow-option-change'])
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
     assert result.exit_code == 0, result.output
-    assert 'Resuming from' in (tmp_path / 'log.txt').read_text()
+    log = (tmp_path / 'log.txt').read_text()
+    assert 'Resuming from' in log and 'changed options (--allow-option-change): rbatch: None -> 32; stf: False -> True' in log
     assert json.loads((tmp_path / 'run_config.json').read_text())['stf'] is True
     assert torch.load(tl.find_latest_state(str(tmp_path)), weights_only=False)['cur_nimg'] == 64
+
+
+def test_resume_refuses_run_altering_option_changes(cifar, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(dist, 'install_signal_handlers', lambda: None)
+    args = ['--preset=tiny-edm', f'--data={cifar["c8"]}', f'--outdir={tmp_path}', '--batch=16', '--status=16']
+    assert invoke(args + ['--duration=0.000016']).exit_code == 0
+    before = sorted(os.listdir(tmp_path))
+    for changed, names in [(['--lr=0.01', '--batch=32'], "batch_size: 16 -> 32; lr: 0.002 -> 0.01"),
+                           (['--preset=tiny-edm2'], 'arch:')]:  # another preset: another network, not a traceback
+        result = CliRunner().invoke(train.main, args + ['--duration=0.000032'] + changed)
+        error_lines = [line for line in result.output.splitlines() if line.startswith('Error:')]
+        assert result.exit_code == 1 and len(error_lines) == 1 and 'Traceback' not in result.output, result.output
+        assert names in error_lines[0] and '--allow-option-change' in error_lines[0]
+        assert sorted(os.listdir(tmp_path)) == before
+    result = invoke(args + ['--duration=0.000032', '--workers=0', '--status=32', '--snapshot=32', '--checkpoint=32'])
+    assert result.exit_code == 0, result.output  # harmless changes: intervals, workers, duration
+    assert torch.load(tl.find_latest_state(str(tmp_path)), weights_only=False)['cur_nimg'] == 32
 
 
 @pytest.mark.parametrize('case', ['missing', 'resolution', 'labels', 'batch'])

@@ -80,6 +80,7 @@ class TrainConfig:
     cache:              bool                    = True      # Keep the dataset in CPU memory.
     transfer:           Optional[str]           = None      # Initialise weights from a network pickle.
     resume:             Optional[str]           = None      # Resume from this training-state-*.pt; None = newest in run dir.
+    allow_option_change: bool                   = False     # Resume even if run-altering options differ from the run's.
     preset:             str                     = ''        # Name of the preset this config came from.
     first_step:         bool                    = False     # Stop once the first optimizer step is done; save nothing.
     # DDPM recipe (tqch/ddpm-torch, training/presets_ddpm.py); None for the other recipes.
