@@ -6,13 +6,16 @@ The math lives in training/metrics.py and training/detectors.py; this script par
 from __future__ import annotations
 
 import click
-import torch
 
 import dnnlib
-from torch_utils import distributed as dist
-from torch_utils import misc
-from training import detectors as detectors_lib
-from training import metrics as metrics_lib
+
+# Imported on first use: --help and option errors come back without loading torch.
+torch = dnnlib.util.LazyModule('torch')
+dist = dnnlib.util.LazyModule('torch_utils.distributed')
+misc = dnnlib.util.LazyModule('torch_utils.misc')
+detectors_lib = dnnlib.util.LazyModule('training.detectors')
+metrics_lib = dnnlib.util.LazyModule('training.metrics')
+INCEPTION_ENV, DINOV2_ENV = 'EDM_FID_DETECTOR', 'EDM_DINOV2_WEIGHTS'  # training/detectors.py reads these
 
 #----------------------------------------------------------------------------
 
@@ -64,8 +67,8 @@ def common_options(metrics_default: str):
 def _add_common_options(fn, metrics_default: str):
     options = [
         click.option('--metrics', help=f'Metrics to compute: fid, fd_dinov2, pr  [default: {metrics_default}]', metavar='LIST', type=str, callback=parse_metric_list, default=None),
-        click.option('--detector', help=f'Inception-v3 detector file (.pkl or TorchScript) [default: ${detectors_lib.INCEPTION_ENV}, caches]', metavar='PATH|URL', type=str, default=None),
-        click.option('--dinov2', help=f'DINOv2 ViT-L/14 weights (.pth) [default: ${detectors_lib.DINOV2_ENV}, torch hub cache]', metavar='PATH|URL', type=str, default=None),
+        click.option('--detector', help=f'Inception-v3 detector file (.pkl or TorchScript) [default: ${INCEPTION_ENV}, caches]', metavar='PATH|URL', type=str, default=None),
+        click.option('--dinov2', help=f'DINOv2 ViT-L/14 weights (.pth) [default: ${DINOV2_ENV}, torch hub cache]', metavar='PATH|URL', type=str, default=None),
         click.option('--device', help='Compute device', metavar='auto|cuda|cpu|mps', type=str, default='auto', show_default=True),
         click.option('--pr-detector', help='Features of precision/recall: inception, or vgg16 (StyleGAN2-ADA, ddpm-torch)', metavar='NAME', type=click.Choice(metrics_lib.PR_DETECTORS), default='inception', show_default=True),
         click.option('--vgg16', help=f'NVIDIA vgg16.pt for --pr-detector=vgg16 [default: ${detectors_lib.VGG16_ENV}, torch hub dir, caches]', metavar='PATH|URL', type=str, default=None),

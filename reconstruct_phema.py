@@ -7,7 +7,8 @@ import click
 import tqdm
 
 import dnnlib
-from training import phema
+
+phema = dnnlib.util.LazyModule('training.phema')  # imported on first use: --help comes back without torch
 
 #----------------------------------------------------------------------------
 

@@ -41,6 +41,20 @@ class UserError(Exception):
 
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError)
 
+class LazyModule:
+    """A module imported on first attribute use, so that a script's --help and option errors do not wait for torch."""
+
+    def __init__(self, name: str):
+        object.__setattr__(self, '_name', name)
+
+    def __getattr__(self, attr: str):
+        import importlib
+        return getattr(importlib.import_module(self._name), attr)
+
+    def __setattr__(self, attr: str, value) -> None:
+        import importlib
+        setattr(importlib.import_module(self._name), attr, value)
+
 def require(module: str, purpose: str, pip: str | None = None):
     """Import an optional or --no-deps-skipped package, or raise one UserError line naming the pip command."""
     import importlib
