@@ -67,3 +67,17 @@ def test_help_lists_agree_with_the_library():
     for name in ('BETA_SCHEDULES', 'MODEL_MEAN_TYPES', 'MODEL_VAR_TYPES', 'LOSS_TYPES'):
         assert getattr(train, name) == getattr(ddpm, name), name
     assert (fid.INCEPTION_ENV, fid.DINOV2_ENV) == (detectors.INCEPTION_ENV, detectors.DINOV2_ENV)
+
+
+def test_dataset_tool_help_names_the_edm_form():
+    result, output = run_script('dataset_tool.py', '--help')
+    assert result['code'] == 0 and 'EDM form' in output and 'convert-edm' in output, output
+
+
+def test_gitignore_covers_what_the_guides_write():
+    import shutil
+    assert shutil.which('git'), 'git is needed to check .gitignore'
+    paths = ['datasets/mini-8x8/00000/img00000000.png', 'toy.png', 'bench/results/new-run.json', 'runs/tiny/log.txt',
+             'quickstart-run/grid.png']
+    proc = subprocess.run(['git', 'check-ignore', '--no-index', *paths], cwd=ROOT, capture_output=True, text=True)
+    assert sorted(proc.stdout.split()) == sorted(paths), proc.stdout + proc.stderr
