@@ -265,7 +265,9 @@ def main(outdir, name, desc, nosubdir, no_stf, dry_run, **opts):
     from torch_utils import distributed as dist
     from torch_utils import misc
     from training.run_dir import choose_run_dir
-    from training.training_loop import training_loop
+    from training.training_loop import open_dataset, training_loop
+    if not dry_run:
+        open_dataset(cfg)  # resolution and labels are checked before the config is printed
     device = misc.choose_device(cfg.device)
     dist.init(device)
     presets.check_batch(cfg, dist.get_world_size())

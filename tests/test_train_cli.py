@@ -213,7 +213,7 @@ def test_bad_input_gives_one_clear_line(cifar, tmp_path, case):  # noqa: F811
     assert result.exit_code == 1
     error_lines = [line for line in result.output.splitlines() if line.startswith('Error:')]
     assert len(error_lines) == 1 and expected in error_lines[0], result.output
-    assert 'Traceback' not in result.output
+    assert 'Traceback' not in result.output and 'Training config' not in result.output  # validated, then printed
     assert not os.path.exists(outdir)
 
 
