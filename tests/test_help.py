@@ -1,6 +1,7 @@
 """--help and option errors come back without importing torch (checked in a fresh interpreter, not timed);
 train.py --help shows the default preset's values; the lists the help shows agree with the library's."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -66,7 +67,10 @@ def test_help_lists_agree_with_the_library():
     from training import ddpm
     for name in ('BETA_SCHEDULES', 'MODEL_MEAN_TYPES', 'MODEL_VAR_TYPES', 'LOSS_TYPES'):
         assert getattr(train, name) == getattr(ddpm, name), name
-    assert (fid.INCEPTION_ENV, fid.DINOV2_ENV) == (detectors.INCEPTION_ENV, detectors.DINOV2_ENV)
+    assert (fid.INCEPTION_ENV, fid.DINOV2_ENV, fid.VGG16_ENV) == (detectors.INCEPTION_ENV, detectors.DINOV2_ENV, detectors.VGG16_ENV)
+    from training import metrics
+    assert (fid.PR_DETECTORS, fid.PR_DTYPES) == (metrics.PR_DETECTORS, metrics.PR_DTYPES)
+    assert fid.PR_DEFAULTS == dataclasses.asdict(metrics.PRConfig())
 
 
 def test_dataset_tool_help_names_the_edm_form():
