@@ -3,6 +3,7 @@ train.py --help shows the default preset's values; the lists the help shows agre
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -55,7 +56,7 @@ def test_train_help_shows_the_default_presets_values():
     output = CliRunner().invoke(train.main, ['--help'], terminal_width=200).output
     for option, shown in [('--lr', '0.001'), ('--batch', '512'), ('--duration', '200'), ('--dropout', '0.13'),
                           ('--augment', '0.12'), ('--cres', '2,2,2'), ('--status', '50000'), ('--seed', '0')]:
-        line = next(line for line in output.splitlines() if line.lstrip().startswith(option + ' '))
+        line = next(line for line in output.splitlines() if re.match(rf'\s+{option}[ ,]', line))
         assert f'[default: ({shown})' in line, line
 
 

@@ -141,7 +141,7 @@ def test_dry_run_prints_resolved_config():
     ('tiny-edm2', '100k', 100_000, '100,000 images (100 thousand)'),
 ])
 def test_duration_counts_per_recipe_and_is_printed_in_words(preset, duration, nimg, words, tmp_path):
-    result = invoke([f'--preset={preset}', f'--duration={duration}', f'--outdir={tmp_path / "run"}', '-n'])
+    result = invoke([f'--preset={preset}', f'--duration={duration}', f'--outdir={tmp_path / "run"}', '--nosubdir', '-n'])
     assert result.exit_code == 0, result.output
     cfg = json.loads(result.output.split('Training config:', 1)[1].rsplit('Dry run', 1)[0])
     assert cfg['total_nimg'] == nimg and f'Training for: {words}' in result.output
@@ -185,7 +185,7 @@ def test_cli_trains_and_resumes(cifar, tmp_path, monkeypatch):  # noqa: F811
 
 def test_resume_refuses_run_altering_option_changes(cifar, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setattr(dist, 'install_signal_handlers', lambda: None)
-    args = ['--preset=tiny-edm', f'--data={cifar["c8"]}', f'--outdir={tmp_path}', '--batch=16', '--status=16']
+    args = ['--preset=tiny-edm', f'--data={cifar["c8"]}', f'--outdir={tmp_path}', '--nosubdir', '--batch=16', '--status=16']
     assert invoke(args + ['--duration=0.016k']).exit_code == 0
     before = sorted(os.listdir(tmp_path))
     for changed, names in [(['--lr=0.01', '--batch=32'], "batch_size: 16 -> 32; lr: 0.002 -> 0.01"),
