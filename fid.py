@@ -6,13 +6,19 @@ The math lives in training/metrics.py and training/detectors.py; this script par
 from __future__ import annotations
 
 import click
-import torch
 
 import dnnlib
-from torch_utils import distributed as dist
-from torch_utils import misc
-from training import detectors as detectors_lib
-from training import metrics as metrics_lib
+
+# Imported on first use: --help and option errors come back without loading torch.
+torch = dnnlib.util.LazyModule('torch')
+dist = dnnlib.util.LazyModule('torch_utils.distributed')
+misc = dnnlib.util.LazyModule('torch_utils.misc')
+detectors_lib = dnnlib.util.LazyModule('training.detectors')
+metrics_lib = dnnlib.util.LazyModule('training.metrics')
+INCEPTION_ENV, DINOV2_ENV, VGG16_ENV = 'EDM_FID_DETECTOR', 'EDM_DINOV2_WEIGHTS', 'EDM_VGG16_DETECTOR'  # training/detectors.py reads these
+# training/metrics.py's choices and PRConfig defaults, for --help (tests/test_help.py checks they agree).
+PR_DETECTORS, PR_DTYPES = ('inception', 'vgg16'), ('float32', 'float16')
+PR_DEFAULTS = dict(nhood_size=3, dtype='float32', row_batch_size=10000, col_batch_size=10000)
 
 #----------------------------------------------------------------------------
 
@@ -64,11 +70,11 @@ def common_options(metrics_default: str):
 def _add_common_options(fn, metrics_default: str):
     options = [
         click.option('--metrics', help=f'Metrics to compute: fid, fd_dinov2, pr  [default: {metrics_default}]', metavar='LIST', type=str, callback=parse_metric_list, default=None),
-        click.option('--detector', help=f'Inception-v3 detector file (.pkl or TorchScript) [default: ${detectors_lib.INCEPTION_ENV}, caches]', metavar='PATH|URL', type=str, default=None),
-        click.option('--dinov2', help=f'DINOv2 ViT-L/14 weights (.pth) [default: ${detectors_lib.DINOV2_ENV}, torch hub cache]', metavar='PATH|URL', type=str, default=None),
+        click.option('--detector', help=f'Inception-v3 detector file (.pkl or TorchScript) [default: ${INCEPTION_ENV}, caches]', metavar='PATH|URL', type=str, default=None),
+        click.option('--dinov2', help=f'DINOv2 ViT-L/14 weights (.pth) [default: ${DINOV2_ENV}, torch hub cache]', metavar='PATH|URL', type=str, default=None),
         click.option('--device', help='Compute device', metavar='auto|cuda|cpu|mps', type=str, default='auto', show_default=True),
-        click.option('--pr-detector', help='Features of precision/recall: inception, or vgg16 (StyleGAN2-ADA, ddpm-torch)', metavar='NAME', type=click.Choice(metrics_lib.PR_DETECTORS), default='inception', show_default=True),
-        click.option('--vgg16', help=f'NVIDIA vgg16.pt for --pr-detector=vgg16 [default: ${detectors_lib.VGG16_ENV}, torch hub dir, caches]', metavar='PATH|URL', type=str, default=None),
+        click.option('--pr-detector', help='Features of precision/recall: inception, or vgg16 (StyleGAN2-ADA, ddpm-torch)', metavar='NAME', type=click.Choice(PR_DETECTORS), default='inception', show_default=True),
+        click.option('--vgg16', help=f'NVIDIA vgg16.pt for --pr-detector=vgg16 [default: ${VGG16_ENV}, torch hub dir, caches]', metavar='PATH|URL', type=str, default=None),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -86,10 +92,10 @@ def repeat_options(fn):
 
 def pr_options(fn):
     """Precision/recall settings of calc and gen, named as in tqch/ddpm-torch eval.py."""
-    defaults = metrics_lib.PRConfig()
+    defaults = dnnlib.EasyDict(PR_DEFAULTS)
     options = [
         click.option('--nhood-size', help=f'k of the k-NN balls of precision/recall  [default: {defaults.nhood_size}]', metavar='INT', type=click.IntRange(min=1), default=None),
-        click.option('--pr-dtype', help=f'P/R distance arithmetic: float32 (torch-fidelity) or float16 (ddpm-torch eval.py)  [default: {defaults.dtype}]', metavar='float32|float16', type=click.Choice(metrics_lib.PR_DTYPES), default=None),
+        click.option('--pr-dtype', help=f'P/R distance arithmetic: float32 (torch-fidelity) or float16 (ddpm-torch eval.py)  [default: {defaults.dtype}]', metavar='float32|float16', type=click.Choice(PR_DTYPES), default=None),
         click.option('--row-batch-size', help=f'Rows per block of P/R distances (memory only)  [default: {defaults.row_batch_size}]', metavar='INT', type=click.IntRange(min=1), default=None),
         click.option('--col-batch-size', help=f'Columns per block of P/R distances (memory only)  [default: {defaults.col_batch_size}]', metavar='INT', type=click.IntRange(min=1), default=None),
     ]

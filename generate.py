@@ -8,8 +8,11 @@ import json
 import click
 
 import dnnlib
-from torch_utils import distributed as dist
-from training import presets_generate, sampling
+from training import presets_generate
+
+# Imported on first use: --help and option errors come back without loading torch.
+dist = dnnlib.util.LazyModule('torch_utils.distributed')
+sampling = dnnlib.util.LazyModule('training.sampling')
 
 
 def parse_seeds(ctx, param, value):
@@ -33,7 +36,7 @@ def parse_seeds(ctx, param, value):
 @click.option('--seeds',                    help='Random seeds, e.g. 1,2,5-10  [default: 0-63]', metavar='LIST', type=str, callback=parse_seeds)
 @click.option('--class', 'class_idx',       help='Class label  [default: random]', metavar='INT',                type=int)
 @click.option('--batch', 'batch_size',      help='Maximum batch size  [default: 32]', metavar='INT',             type=int)
-@click.option('--sampler',                  help='Sampler  [default: edm, or ablation with --solver/--disc/--schedule/--scaling]', type=click.Choice(list(sampling.SAMPLERS)))
+@click.option('--sampler',                  help='Sampler  [default: edm, or ablation with --solver/--disc/--schedule/--scaling]', type=click.Choice(list(presets_generate.SAMPLER_NAMES)))
 @click.option('--steps', 'num_steps',       help='Number of sampling steps  [default: sampler\'s]', metavar='INT', type=click.IntRange(min=2))
 @click.option('--sigma_min',                help='Lowest noise level  [default: sampler\'s]', metavar='FLOAT',   type=click.FloatRange(min=0, min_open=True))
 @click.option('--sigma_max',                help='Highest noise level  [default: sampler\'s]', metavar='FLOAT',  type=click.FloatRange(min=0, min_open=True))

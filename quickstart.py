@@ -59,6 +59,15 @@ def plan(outdir: str, kimg: int, num_images: int, device: str) -> list[tuple[str
     return steps
 
 
+def check_fid_detector() -> None:
+    """Stop before training, not after it, when the last step's FID detector is not installed."""
+    from training import detectors
+    try:
+        detectors.find_inception(allow_download=False)
+    except Exception as err:  # the detector's own one-line message names the pip command
+        raise click.ClickException(f'the FID step needs its detector: {err}') from None
+
+
 def newest_snapshot(run_dir: str) -> str:
     """The newest network snapshot of the training run."""
     snapshots = sorted(glob.glob(os.path.join(run_dir, 'network-snapshot-*.pkl')))
@@ -80,6 +89,7 @@ def main(outdir: str, kimg: int, num_images: int, device: str) -> None:
     python quickstart.py --kimg=400       # longer training, better images
     """
     start = time.time()
+    check_fid_detector()
     os.makedirs(outdir, exist_ok=True)
     run_dir = os.path.join(outdir, 'training-run')
     for title, script, args in plan(outdir, kimg, num_images, device):

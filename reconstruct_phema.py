@@ -8,7 +8,8 @@ import click
 import tqdm
 
 import dnnlib
-from training import phema
+
+phema = dnnlib.util.LazyModule('training.phema')  # imported on first use: --help comes back without torch
 
 #----------------------------------------------------------------------------
 
@@ -70,6 +71,8 @@ def cmdline(in_dir, in_prefix, in_std, out_kimg, plot_path, **opts):
     """
     if os.environ.get('WORLD_SIZE', '1') != '1':
         raise click.ClickException('Distributed execution is not supported; run reconstruct_phema.py without torchrun')
+    if plot_path is not None:
+        dnnlib.util.require('matplotlib', '--plot')  # before the reconstruction, not after it
     out_nimg = phema.kimg_to_nimg(out_kimg) if out_kimg is not None else None
     in_pkls = _list_inputs(in_dir, in_prefix, in_std, opts['out_prefix'])
     warnings.formatwarning = lambda message, *_args, **_kwargs: f'Warning: {message}\n'  # e.g. inputs of two runs

@@ -11,9 +11,17 @@ import os
 import click
 
 import dnnlib
-from torch_utils import misc
-from training import toy
-from training.toy import GaussianMixture, MPLinear, MPSiLU, ToyModel, gt  # noqa: F401  (reference names)
+
+# Imported on first use: --help and option errors come back without loading torch.
+misc = dnnlib.util.LazyModule('torch_utils.misc')
+toy = dnnlib.util.LazyModule('training.toy')
+_REFERENCE_NAMES = ('GaussianMixture', 'MPLinear', 'MPSiLU', 'ToyModel', 'gt')  # reference pickles name toy_example.X
+
+
+def __getattr__(name):
+    if name in _REFERENCE_NAMES:
+        return getattr(toy, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 #----------------------------------------------------------------------------
 

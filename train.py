@@ -3,6 +3,7 @@ Generative Models"), the EDM2 recipe ("Analyzing and Improving the Training Dyna
 Diffusion Models") or the DDPM recipe of tqch/ddpm-torch (Ho et al. 2020; ddpm-* presets).
 Options left out keep the values of --preset (training/presets.py)."""
 
+import dataclasses
 import json
 import os
 import re
@@ -11,11 +12,13 @@ import warnings
 import click
 
 import dnnlib
-from torch_utils import distributed as dist
-from training import launch, presets
-from training.ddpm import BETA_SCHEDULES, LOSS_TYPES, MODEL_MEAN_TYPES, MODEL_VAR_TYPES
-from training.run_dir import choose_run_dir
-from training.training_loop import training_loop
+from training import presets
+
+# training/ddpm.py's choices (it imports torch), for --help; tests/test_help.py checks that they agree.
+BETA_SCHEDULES = ('quad', 'linear', 'warmup10', 'warmup50', 'jsd')
+MODEL_MEAN_TYPES = ('mean', 'x_0', 'eps')
+MODEL_VAR_TYPES = ('learned', 'fixed-small', 'fixed-large')
+LOSS_TYPES = ('kl', 'mse')
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')
 
@@ -40,6 +43,20 @@ class NimgType(click.ParamType):
 
     def convert(self, value, param, ctx):
         return value if isinstance(value, int) else parse_nimg(value, self.plain_unit)
+
+
+def duration_nimg(text: str, preset: str) -> int:
+    """--duration in images: a plain number counts Mimg in EDM presets (EDM train.py) and images in EDM2
+    presets (EDM2 train_edm2.py); suffixed counts (200M, 2048Mi) mean the same everywhere."""
+    return parse_nimg(text, plain_unit=1e6 if presets.PRESETS[preset].recipe == 'edm' else 1)
+
+
+def nimg_in_words(nimg: int) -> str:
+    """'2,147,483,648 images (2.1 billion)': the total a user should recognise before a long run starts."""
+    for scale, word in [(1e12, 'trillion'), (1e9, 'billion'), (1e6, 'million'), (1e3, 'thousand')]:
+        if nimg >= scale:
+            return f'{nimg:,} images ({nimg / scale:.3g} {word})'
+    return f'{nimg:,} images'
 
 
 def _check_desc(ctx, param, value):
@@ -80,14 +97,15 @@ def overrides_from_options(opts: dict) -> dict:
     ddpm = ddpm_overrides(o)
     ov = dict(data=o.pop('data'), cond=o.pop('cond'), arch=o.pop('arch'), precond=o.pop('precond'),
               stf=o.pop('stf'), rbatch=o.pop('rbatch'), batch_size=o.pop('batch'), batch_gpu=o.pop('batch_gpu'),
-              total_nimg=o.pop('duration'), lr=o.pop('lr'), lr_decay_batches=o.pop('decay'),
+              total_nimg=_duration(o.pop('duration'), opts['preset']), lr=o.pop('lr'), lr_decay_batches=o.pop('decay'),
               ema_halflife_Mimg=o.pop('ema'), edm2_config=o.pop('edm2_config'), dropout=o.pop('dropout'), augment=o.pop('augment'), xflip=o.pop('xflip'),
               model_channels=o.pop('cbase'), channel_mult=_int_list(o.pop('cres')), P_mean=o.pop('P_mean'),
               P_std=o.pop('P_std'), fp16=o.pop('fp16'), bf16=o.pop('bf16'), loss_scaling=o.pop('ls'),
               seed=o.pop('seed'), device=o.pop('device'), compile=o.pop('compile'), channels_last=o.pop('channels_last'),
               deterministic=o.pop('deterministic'), cudnn_benchmark=o.pop('bench'), workers=o.pop('workers'), cache=o.pop('cache'),
               transfer=o.pop('transfer'), resume=o.pop('resume'), trust_pickle=o.pop('trust_pickle'), status_nimg=o.pop('status'),
-              snapshot_nimg=o.pop('snapshot'), checkpoint_nimg=o.pop('checkpoint'))
+              snapshot_nimg=o.pop('snapshot'), checkpoint_nimg=o.pop('checkpoint'),
+              allow_option_change=o.pop('allow_option_change') or None)
     ov.update(tick_intervals(presets.PRESETS[opts['preset']], o.pop('tick'), o.pop('snap'), o.pop('dump'), ov))
     ema_stds = o.pop('ema_stds')
     if ema_stds is not None:
@@ -114,6 +132,13 @@ def tick_intervals(preset: presets.TrainConfig, tick, snap, dump, ov: dict) -> d
     return out
 
 
+def _duration(text, preset):
+    try:
+        return duration_nimg(text, preset) if text is not None else None
+    except click.BadParameter as err:
+        raise click.BadParameter(err.message, param_hint='--duration') from None
+
+
 @click.command(context_settings=dict(show_default=True))
 # Main options.
 @click.option('--preset',        help='Configuration preset', metavar='NAME', type=click.Choice(list(presets.PRESETS)), default=presets.DEFAULT_PRESET)
@@ -129,7 +154,7 @@ def tick_intervals(preset: presets.TrainConfig, tick, snap, dump, ov: dict) -> d
 @click.option('--no-stf', 'no_stf', help='Same as --stf=0', is_flag=True)
 @click.option('--rbatch',        help='STF reference batch per GPU  [default: 4096]', metavar='INT', type=click.IntRange(min=1))
 # Hyperparameters.
-@click.option('--duration',      help='Training duration (plain number = Mimg, or 2048Mi, 200M)', metavar='MIMG|NIMG', type=NimgType(1e6))
+@click.option('--duration',      help='Training duration: a plain number is Mimg for EDM presets, images for EDM2 presets; or 200M, 2048Mi', metavar='NIMG', type=str)
 @click.option('--batch', '--batch-size', 'batch', help='Total batch size', metavar='NIMG', type=NimgType())
 @click.option('--batch-gpu',     help='Limit batch size per GPU (gradient accumulation)', metavar='NIMG', type=NimgType())
 @click.option('--cbase', '--channels', 'cbase', help='Channel multiplier', metavar='INT', type=click.IntRange(min=1))
@@ -166,6 +191,7 @@ def tick_intervals(preset: presets.TrainConfig, tick, snap, dump, ov: dict) -> d
 @click.option('--transfer',      help='Initialise from network pickle', metavar='PKL|URL', type=str)
 @click.option('--resume',        help='Resume from training-state-*.pt', metavar='PT', type=str)
 @click.option('--trust-pickle',  help='Let training states and --transfer pickles run code stored in them', is_flag=True, default=None)
+@click.option('--allow-option-change', help='Resume even if run-altering options differ from the run folder\'s', is_flag=True)
 @click.option('-n', '--dry-run', help='Print the resolved config and exit (EDM train.py)', is_flag=True)
 @click.option('--first-step',    help='Train until the first optimizer step is done, then stop without saving (ddpm-torch --dry-run)', is_flag=True, default=None)
 # DDPM recipe (ddpm-* presets; names of tqch/ddpm-torch train.py).
@@ -197,6 +223,8 @@ def main(outdir, name, desc, nosubdir, no_stf, dry_run, **opts):
         command to resume.
       --name=NAME (STF fork): the run folder is --outdir/NAME; rerun to resume.
 
+    Defaults shown are those of the default --preset; another preset brings its own (see them with -n).
+
     Examples:
 
     \b
@@ -226,20 +254,61 @@ def main(outdir, name, desc, nosubdir, no_stf, dry_run, **opts):
     if no_stf:
         opts['stf'] = False
     cfg = presets.build_config(opts['preset'], **overrides_from_options(opts))
+    if click.get_current_context().get_parameter_source('preset') == click.core.ParameterSource.DEFAULT:
+        cfg = dataclasses.replace(cfg, preset=f'{cfg.preset} (default)')  # an EDM-style command line chose no preset
+    if not dry_run and outdir is None:
+        raise click.BadParameter('is required (the run directory)', param_hint='--outdir')
+    if not dry_run and cfg.data is None:
+        raise click.BadParameter('is required (a dataset folder or .zip made by dataset_tool.py)', param_hint='--data')
+    if not dry_run and not os.path.exists(cfg.data):
+        raise FileNotFoundError(f'--data={cfg.data}: dataset not found; make one with dataset_tool.py')
+    # Imported here, not at the top: --help and option errors come back without loading torch.
+    from torch_utils import distributed as dist
+    from torch_utils import misc
+    from training.run_dir import choose_run_dir
+    from training.training_loop import open_dataset, training_loop
+    if not dry_run:
+        open_dataset(cfg)  # resolution and labels are checked before the config is printed
+    device = misc.choose_device(cfg.device)
+    dist.init(device)
+    presets.check_batch(cfg, dist.get_world_size())
+    run_dir = choose_run_dir(outdir, cfg, desc=desc, nosubdir=nosubdir, name=name) if outdir is not None else None
+    dist.print0(f'Run folder:   {run_dir if run_dir is not None else "(none: pass --outdir)"}')
+    dist.print0(f'Training for: {nimg_in_words(cfg.total_nimg)}')
     dist.print0('Training config:')
     dist.print0(json.dumps(presets.to_json(cfg), indent=2))
     if dry_run:
         dist.print0('Dry run; exiting.')
         return
-    if outdir is None:
-        raise click.BadParameter('is required (the run directory)', param_hint='--outdir')
-    if cfg.data is None:
-        raise click.BadParameter('is required (a dataset folder or .zip made by dataset_tool.py)', param_hint='--data')
-    device = launch.init_run(cfg)
-    run_dir = choose_run_dir(outdir, cfg, desc=desc, nosubdir=nosubdir, name=name)
+    device = dist.device_for_rank(device)
+    dist.install_signal_handlers()
     result = training_loop(cfg, run_dir=run_dir, device=device)
     dist.print0(f'Run directory: {run_dir} ({result.cur_nimg / 1e3:.1f} kimg)')
 
+
+# Options whose TrainConfig field has another name; the others share the option's name.
+_HELP_FIELDS = dict(batch='batch_size', duration='total_nimg', decay='lr_decay_batches', ema='ema_halflife_Mimg',
+                    cbase='model_channels', cres='channel_mult', ls='loss_scaling', bench='cudnn_benchmark',
+                    status='status_nimg', snapshot='snapshot_nimg', checkpoint='checkpoint_nimg')
+
+
+def show_preset_defaults(command: click.Command, preset: str = presets.DEFAULT_PRESET) -> None:
+    """Show the default preset's value of every option in --help (the options themselves default to None)."""
+    cfg = presets.build_config(preset)
+    for param in command.params:
+        field = _HELP_FIELDS.get(param.name, param.name)
+        plain_flag = getattr(param, 'is_flag', False) and not getattr(param, 'secondary_opts', None)
+        if param.name == 'preset' or plain_flag or not hasattr(cfg, field):
+            continue
+        value = getattr(cfg, field)
+        if field == 'total_nimg' and cfg.recipe == 'edm':
+            value = f'{value / 1e6:g}'  # EDM's plain --duration is in Mimg
+        elif isinstance(value, (tuple, list)):
+            value = ','.join(str(v) for v in value)
+        param.show_default = 'none' if value is None else str(value)
+
+
+show_preset_defaults(main)
 
 if __name__ == '__main__':
     main()  # pylint: disable=no-value-for-parameter

@@ -44,6 +44,28 @@ class UserError(Exception):
 
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError)
 
+class LazyModule:
+    """A module imported on first attribute use, so that a script's --help and option errors do not wait for torch."""
+
+    def __init__(self, name: str):
+        object.__setattr__(self, '_name', name)
+
+    def __getattr__(self, attr: str):
+        import importlib
+        return getattr(importlib.import_module(self._name), attr)
+
+    def __setattr__(self, attr: str, value) -> None:
+        import importlib
+        setattr(importlib.import_module(self._name), attr, value)
+
+def require(module: str, purpose: str, pip: str | None = None):
+    """Import an optional or --no-deps-skipped package, or raise one UserError line naming the pip command."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f'{purpose} needs the {module.split(".")[0]} package: pip install {pip or module}') from None
+
 def cli_errors(fn: Callable) -> Callable:
     """Turn user errors raised below a click command into one clean line and exit code 1."""
     @functools.wraps(fn)

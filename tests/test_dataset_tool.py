@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from dataset_tool import cmdline
 from training.dataset import ImageFolderDataset
 from training.dataset_convert import convert_dataset
+from tests.conftest import cifar_batch
 
 #----------------------------------------------------------------------------
 # Helpers.
@@ -53,11 +54,7 @@ def assert_clean_failure(result, tmp_path, dest, *phrases):
     assert leftovers == []
 
 #----------------------------------------------------------------------------
-# CIFAR-10 archives in the official layout, built from the real batches.
-
-def load_batch(cifar_dir, name):
-    with open(cifar_dir / name, 'rb') as f:
-        return pickle.load(f, encoding='latin1')
+# CIFAR-10 archives in the official layout, built from real images (quickstart/cifar10-mini.zip).
 
 def make_cifar_archive(path, batches, skip=()):
     """cifar-10-python.tar.gz with the given {member name: batch dict} (official pickle format)."""
@@ -73,17 +70,14 @@ def make_cifar_archive(path, batches, skip=()):
 _small_cifar_cache = {}
 
 @pytest.fixture
-def small_cifar(cifar_dir, tmp_path_factory):
-    """A 200-image CIFAR-10 archive: 40 real images from each of the 5 real training batches (built once)."""
+def small_cifar(tmp_path_factory):
+    """A 200-image CIFAR-10 archive: 40 real images in each of the 5 training batches (built once)."""
     if 'archive' not in _small_cifar_cache:
-        _small_cifar_cache['archive'] = build_small_cifar(cifar_dir, tmp_path_factory.mktemp('cifar'))
+        _small_cifar_cache['archive'] = build_small_cifar(tmp_path_factory.mktemp('cifar'))
     return _small_cifar_cache['archive']
 
-def build_small_cifar(cifar_dir, folder):
-    batches = {}
-    for i in range(1, 6):
-        raw = load_batch(cifar_dir, f'data_batch_{i}')
-        batches[f'data_batch_{i}'] = {'batch_label': raw['batch_label'], 'labels': raw['labels'][:40], 'data': raw['data'][:40]}
+def build_small_cifar(folder):
+    batches = {f'data_batch_{i}': cifar_batch(40 * (i - 1), 40, f'training batch {i} of 5') for i in range(1, 6)}
     path = folder / 'cifar-10-python.tar.gz'
     make_cifar_archive(path, batches)
     images = np.concatenate([b['data'] for b in batches.values()]).reshape(-1, 3, 32, 32)
@@ -110,9 +104,9 @@ def test_cifar10_convert(small_cifar, tmp_path, dest_name):
     np.testing.assert_array_equal(image, images[123])
     assert label.argmax() == labels[123] and label.sum() == 1
 
-def test_cifar10_real_batch(cifar_dir, tmp_path):
-    """The full real data_batch_1 (10,000 images) inside an archive, first 500 converted (EDM command line)."""
-    batches = {f'data_batch_{i}': load_batch(cifar_dir, f'data_batch_{i}') if i == 1 else
+def test_cifar10_real_batch(tmp_path):
+    """A 1,000-image real data_batch_1 inside an archive, first 500 converted (EDM command line)."""
+    batches = {f'data_batch_{i}': cifar_batch(0, 1000) if i == 1 else
                {'batch_label': 'x', 'labels': [0], 'data': np.zeros([1, 3072], np.uint8)} for i in range(1, 6)}
     path = tmp_path / 'cifar-10-python.tar.gz'
     make_cifar_archive(path, batches)

@@ -1,8 +1,7 @@
-"""fid.py and the real Inception-v3 detector on a few CIFAR-10 test images (kept small: ~0.1-0.5 s per
+"""fid.py and the real Inception-v3 detector on a few real CIFAR-10 images (quickstart/cifar10-mini.zip) (kept small: ~0.1-0.5 s per
 image at 299x299 on CPU), plus the CLI's error paths and the generate-and-measure path with a tiny ViT."""
 
 import json
-import pickle
 
 import numpy as np
 import PIL.Image
@@ -12,7 +11,7 @@ from click.testing import CliRunner
 
 import fid
 from training import detectors, metrics
-from tests.conftest import ASSETS
+from tests.conftest import cifar_mini
 from tests.test_metrics import tiny_vit
 
 NUM_IMAGES = 4
@@ -22,13 +21,8 @@ NUM_IMAGES = 4
 
 @pytest.fixture(scope='module')
 def cifar_images():
-    # Module-scoped copy of conftest's cifar_dir fixture (which is function-scoped).
-    path = ASSETS / 'cifar-10-batches-py' / 'test_batch'
-    if not path.is_file():
-        pytest.skip(f'CIFAR-10 batches not found at {path.parent}')
-    with open(path, 'rb') as f:
-        data = pickle.load(f, encoding='bytes')[b'data']
-    return torch.from_numpy(data[:NUM_IMAGES].reshape(-1, 3, 32, 32).copy())
+    images, _labels = cifar_mini()
+    return torch.from_numpy(images[:NUM_IMAGES].transpose(0, 3, 1, 2).copy())
 
 @pytest.fixture(scope='module')
 def inception():

@@ -1,5 +1,6 @@
 """Tests of the EDM networks (training/networks.py), preconditioning and their reference parity."""
 
+import gzip
 import json
 import pickle
 
@@ -53,7 +54,7 @@ def tiny_inputs(batch=3, label_dim=4, resolution=8, seed=1):
 # Reference parity.
 
 def test_state_dict_keys_and_shapes_match_reference(spec_dir):
-    entries = json.loads((spec_dir / 'state_dicts.json').read_text())
+    entries = json.loads(gzip.decompress((spec_dir / 'state_dicts.json.gz').read_bytes()))
     assert len(entries) >= 39
     for name, entry in entries.items():
         net = spec_class(entry['ctor'])(**entry['kwargs'])

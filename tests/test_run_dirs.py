@@ -57,7 +57,7 @@ def test_edm_numbered_run_folders_and_rerun_resumes(tiny8, tmp_path, monkeypatch
 
 def test_edm2_outdir_is_the_run_folder(tiny8, tmp_path, monkeypatch):
     monkeypatch.setattr(dist, 'install_signal_handlers', lambda: None)
-    run('--preset=tiny-edm2', f'--data={tiny8}', f'--outdir={tmp_path}', '--duration=0.000016')
+    run('--preset=tiny-edm2', f'--data={tiny8}', f'--outdir={tmp_path}', '--duration=16')  # EDM2 presets count a plain --duration in images
     assert os.path.isfile(tmp_path / 'training-state-0000000.pt') and folders(tmp_path) == []
 
 

@@ -111,7 +111,6 @@ def _run(args):
     return result.output
 
 def test_cli_train_plot_measure(tmp_path, monkeypatch):
-    pytest.importorskip('matplotlib')
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
     monkeypatch.setitem(toy.DEFAULT_MODELS, 'net', dict(classes='A', num_layers=1, hidden_dim=8, total_iter=3))
     out = _run(['train', '--outdir', str(tmp_path / 'run'), '--iters', '4', '--batch', '32', '--dim', '8', '--layers', '1',

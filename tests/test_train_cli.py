@@ -133,20 +133,71 @@ def test_dry_run_prints_resolved_config():
     assert cfg['model_channels'] == 192 and cfg['recipe'] == 'edm2'
 
 
+@pytest.mark.parametrize('preset,duration,nimg,words', [
+    ('edm-cifar10-32x32-cond-vp', '200', 200_000_000, '200,000,000 images (200 million)'),  # EDM: Mimg
+    ('edm-cifar10-32x32-cond-vp', '0.5', 500_000, '500,000 images (500 thousand)'),
+    ('edm2-img512-xs', '2147483648', 2 << 30, '2,147,483,648 images (2.15 billion)'),  # EDM2: images
+    ('edm2-img512-xs', '2048Mi', 2 << 30, '2,147,483,648 images (2.15 billion)'),
+    ('tiny-edm2', '100k', 100_000, '100,000 images (100 thousand)'),
+])
+def test_duration_counts_per_recipe_and_is_printed_in_words(preset, duration, nimg, words, tmp_path):
+    result = invoke([f'--preset={preset}', f'--duration={duration}', f'--outdir={tmp_path / "run"}', '--nosubdir', '-n'])
+    assert result.exit_code == 0, result.output
+    cfg = json.loads(result.output.split('Training config:', 1)[1].rsplit('Dry run', 1)[0])
+    assert cfg['total_nimg'] == nimg and f'Training for: {words}' in result.output
+    assert f'Run folder:   {tmp_path / "run"}' in result.output
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--duration=2147483648'], '--duration is 2.15e+15 images, over the 1e+12 limit'),  # EDM2's number in EDM
+    (['--preset=edm2-img512-xs', '--duration=2e12'], 'over the 1e+12 limit'),
+    (['--duration=12x'], "Invalid value for --duration: '12x' is not a count"),
+])
+def test_duration_errors_come_before_the_config(args, message):
+    result = CliRunner().invoke(train.main, args + ['-n'])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert 'Training config' not in result.output and 'Traceback' not in result.output
+
+
+def test_edm_command_line_records_the_default_preset_as_such():
+    cfg = json.loads(invoke(['--cond=1', '--arch=ncsnpp', '-n']).output.split('Training config:', 1)[1].rsplit('Dry run', 1)[0])
+    assert cfg['preset'] == 'edm-cifar10-32x32-uncond-vp (default)' and cfg['cond'] and cfg['arch'] == 'ncsnpp'
+    cfg = json.loads(invoke(['--preset=edm-cifar10-32x32-uncond-vp', '-n']).output.split('Training config:', 1)[1].rsplit('Dry run', 1)[0])
+    assert cfg['preset'] == 'edm-cifar10-32x32-uncond-vp'
+
+
 def test_cli_trains_and_resumes(cifar, tmp_path, monkeypatch):  # noqa: F811
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     monkeypatch.setattr(dist, '_handlers_installed', False)
     try:
         args = ['--preset=tiny-edm', f'--data={cifar["c8"]}', f'--outdir={tmp_path}', '--nosubdir', '--batch=16', '--status=16']
         assert invoke(args + ['--duration=0.000032']).exit_code == 0
-        result = invoke(args + ['--duration=0.000064', '--stf', '--rbatch=32'])
+        result = invoke(args + ['--duration=0.000064', '--stf', '--rbatch=32', '--allow-option-change'])
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
     assert result.exit_code == 0, result.output
-    assert 'Resuming from' in (tmp_path / 'log.txt').read_text()
+    log = (tmp_path / 'log.txt').read_text()
+    assert 'Resuming from' in log and 'changed options (--allow-option-change): rbatch: None -> 32; stf: False -> True' in log
     assert json.loads((tmp_path / 'run_config.json').read_text())['stf'] is True
     assert torch.load(tl.find_latest_state(str(tmp_path)), weights_only=False)['cur_nimg'] == 64
+
+
+def test_resume_refuses_run_altering_option_changes(cifar, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(dist, 'install_signal_handlers', lambda: None)
+    args = ['--preset=tiny-edm', f'--data={cifar["c8"]}', f'--outdir={tmp_path}', '--nosubdir', '--batch=16', '--status=16']
+    assert invoke(args + ['--duration=0.016k']).exit_code == 0
+    before = sorted(os.listdir(tmp_path))
+    for changed, names in [(['--lr=0.01', '--batch=32'], "batch_size: 16 -> 32; lr: 0.002 -> 0.01"),
+                           (['--preset=tiny-edm2'], 'arch:')]:  # another preset: another network, not a traceback
+        result = CliRunner().invoke(train.main, args + ['--duration=0.032k'] + changed)
+        error_lines = [line for line in result.output.splitlines() if line.startswith('Error:')]
+        assert result.exit_code == 1 and len(error_lines) == 1 and 'Traceback' not in result.output, result.output
+        assert names in error_lines[0] and '--allow-option-change' in error_lines[0]
+        assert sorted(os.listdir(tmp_path)) == before
+    result = invoke(args + ['--duration=0.032k', '--workers=0', '--status=32', '--snapshot=32', '--checkpoint=32'])
+    assert result.exit_code == 0, result.output  # harmless changes: intervals, workers, duration
+    assert torch.load(tl.find_latest_state(str(tmp_path)), weights_only=False)['cur_nimg'] == 32
 
 
 @pytest.mark.parametrize('case', ['missing', 'resolution', 'labels', 'batch'])
@@ -162,7 +213,7 @@ def test_bad_input_gives_one_clear_line(cifar, tmp_path, case):  # noqa: F811
     assert result.exit_code == 1
     error_lines = [line for line in result.output.splitlines() if line.startswith('Error:')]
     assert len(error_lines) == 1 and expected in error_lines[0], result.output
-    assert 'Traceback' not in result.output
+    assert 'Traceback' not in result.output and 'Training config' not in result.output  # validated, then printed
     assert not os.path.exists(outdir)
 
 

@@ -9,6 +9,7 @@ import signal
 
 import torch
 
+from . import threads
 from . import training_stats
 
 _stop_requested = False
@@ -34,7 +35,11 @@ def init(device: torch.device | str | None = None, timeout_min: float = 30) -> N
 
 def device_for_rank(device: torch.device) -> torch.device:
     """On CUDA, give every local rank its own GPU (an explicit index, which torch.cuda.set_device
-    needs); other devices are shared. Works before init(): the world size comes from torchrun's env."""
+    needs); other devices are shared. Works before init(): the world size comes from torchrun's env.
+    On CPU, also sets torch's thread count once (torch_utils/threads.py)."""
+    message = threads.apply_cpu_threads(device)
+    if message and get_rank() == 0:
+        print(message)
     if device.type == 'cuda' and device.index is None:
         if int(os.environ.get('WORLD_SIZE', '1')) > 1:
             return torch.device('cuda', get_local_rank())

@@ -48,8 +48,10 @@ def parse_metrics(spec: str | Iterable[str]) -> list[str]:
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, method: str = 'eigh') -> float:
     """d^2 = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))  (Heusel et al. 2017, Eq. 6; Dowson & Landau 1982).
     method='sqrtm' is the reference's scipy.linalg.sqrtm; 'eigh' (default) gets the same trace from the
-    eigenvalues of a symmetric matrix similar to S1 S2: it agrees with sqrtm to ~1e-12 relative on
-    full-rank statistics, is several times faster, and stays accurate for rank-deficient ones."""
+    eigenvalues of a symmetric matrix similar to S1 S2. It is the more accurate of the two: within ~1e-14
+    relative of a closed form at 2048-d, where sqrtm's own error reaches 1e-12 and, on real Inception
+    statistics, ~1e-7 (so the two differ by that). It is several times faster and stays accurate for
+    rank-deficient statistics."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:

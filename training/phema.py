@@ -497,6 +497,7 @@ def power_function_profile(t, ofs, std):
 
 def plot_ema_profiles(in_nimg, in_std, out_nimg, out_std, path, num_points=1000):
     """Save a PNG of the stored profiles and of each target profile next to its reconstruction."""
+    dnnlib.util.require('matplotlib', '--plot')
     from matplotlib.backends.backend_agg import FigureCanvasAgg # Object API: leaves the global backend alone.
     from matplotlib.figure import Figure
     t = np.linspace(0, out_nimg, num_points)

@@ -142,6 +142,7 @@ def _draw_panel(ax, x, y, ylabel: str, log: bool = False) -> None:
 
 def plot_run(run_dir: str, out: str | None = None, metrics: str | None = None) -> tuple[str, list[str]]:
     """Write the curves of a run as a PNG (atomically); returns its path and the warnings."""
+    dnnlib.util.require('matplotlib', 'plotting')
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # Object API: the global backend is left alone.
     from matplotlib.figure import Figure
 

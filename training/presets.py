@@ -81,6 +81,7 @@ class TrainConfig:
     transfer:           Optional[str]           = None      # Initialise weights from a network pickle.
     resume:             Optional[str]           = None      # Resume from this training-state-*.pt; None = newest in run dir.
     trust_pickle:       bool                    = False     # Let training states and --transfer pickles run code stored in them.
+    allow_option_change: bool                   = False     # Resume even if run-altering options differ from the run's.
     preset:             str                     = ''        # Name of the preset this config came from.
     first_step:         bool                    = False     # Stop once the first optimizer step is done; save nothing.
     # DDPM recipe (tqch/ddpm-torch, training/presets_ddpm.py); None for the other recipes.
@@ -177,6 +178,7 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 DEFAULT_PRESET = 'edm-cifar10-32x32-uncond-vp'
+MAX_TOTAL_NIMG = 10**12  # beyond any published run (EDM2-XXL: 0.9e9 images): a unit mix-up, not a plan
 STF_RBATCH = 4096   # --rbatch default of the STF fork (Newbeeer/stf train.py).
 
 from training.presets_ddpm import DDPM_PRESETS, resolve_ddpm, validate_ddpm  # noqa: E402  (needs TrainConfig)
@@ -251,6 +253,9 @@ def _validate(cfg: TrainConfig) -> None:
     for name in ('total_nimg', 'batch_size', 'model_channels'):
         if getattr(cfg, name) <= 0:
             raise ValueError(f'{name}={getattr(cfg, name)} must be positive')
+    if cfg.total_nimg > MAX_TOTAL_NIMG:
+        raise ValueError(f'--duration is {cfg.total_nimg:.3g} images, over the {MAX_TOTAL_NIMG:.0e} limit; a plain '
+                         f'--duration counts Mimg in EDM presets and images in EDM2 presets, so write e.g. 200M or 2048Mi')
     if cfg.seed < 0:
         raise ValueError(f'--seed={cfg.seed} must be >= 0')
     if cfg.batch_gpu is not None and cfg.batch_gpu <= 0:

@@ -7,7 +7,6 @@ attn_resolutions, Adam betas (beta1, beta2) = adam_betas; the fields below are D
 
 from dataclasses import replace
 
-from training import ddpm
 from training.presets import TrainConfig
 
 # TrainConfig field -> the train.py flag that sets it (DDPM recipe only).
@@ -75,6 +74,7 @@ def validate_ddpm(cfg: TrainConfig) -> None:
     missing = [flag for field, flag in DDPM_FLAGS.items() if field != 'epochs' and getattr(cfg, field) is None]
     if missing:
         raise ValueError(f'the DDPM recipe needs {", ".join(missing)}')
+    from training import ddpm  # here: train.py --help and presets stay free of torch
     ddpm.get_beta_schedule(cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.timesteps)  # ValueError names the flag.
     ddpm.GaussianDiffusion(ddpm.get_beta_schedule(cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.timesteps),
                            cfg.model_mean_type, cfg.model_var_type, cfg.loss_type)

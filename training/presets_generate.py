@@ -29,6 +29,11 @@ SAMPLER_FLAGS = {
 ABLATION_OPTIONS = ('solver', 'discretization', 'schedule', 'scaling')
 
 
+# Names of training.sampling.SAMPLERS, kept here so generate.py --help lists them without importing torch
+# (tests/test_help.py checks that the two agree).
+SAMPLER_NAMES = ('edm', 'edm1', 'edm2', 'ablation', 'ddim', 'ddpm', 'dpmpp2m', 'dpmpp2m-sde')
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
     """Everything generate.py needs; sampler options left at None take the sampler's own default."""

@@ -20,10 +20,11 @@ import torch
 
 from torch_utils import distributed as dist
 from training.presets import TrainConfig, to_json
+from training.resume_options import HARMLESS_OPTIONS
 
-# Options that may differ when an interrupted run is continued by rerunning its command.
-RESUME_FREE_FIELDS = ('total_nimg', 'resume', 'device', 'workers', 'cache', 'compile', 'deterministic',
-                      'cudnn_benchmark', 'batch_gpu', 'status_nimg', 'snapshot_nimg', 'checkpoint_nimg')
+# Options that may differ when an interrupted run is continued by rerunning its command: the same
+# ones that resuming accepts without --allow-option-change.
+RESUME_FREE_FIELDS = HARMLESS_OPTIONS
 
 
 def run_description(cfg: TrainConfig, world_size: int, desc: str | None = None) -> str:

@@ -342,7 +342,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise dnnlib.util.UserError('plotting needs matplotlib: pip install matplotlib (or pip install edm[toy])') from None
+        raise dnnlib.util.UserError('plotting needs matplotlib: pip install matplotlib') from None
     if not has_display():
         matplotlib.use('Agg')
     import matplotlib.pyplot as plt

@@ -31,6 +31,7 @@ from training.presets import TrainConfig, check_batch, to_json
 from training.recipes import learning_rate_schedule  # noqa: F401  (public name of this module)
 from training.recipes import make_recipe
 from training.recipes import step_seed  # noqa: F401  (public name of this module)
+from training.resume_options import check_resume_options
 
 STATE_FORMAT_VERSION = 1
 logger = logging.getLogger('edm.training')
@@ -208,6 +209,7 @@ def setup(cfg: TrainConfig, run_dir: str, device: torch.device) -> dnnlib.EasyDi
     ctx = dnnlib.EasyDict(cfg=cfg, run_dir=run_dir, device=device, rank=dist.get_rank(), world=dist.get_world_size())
     ctx.recipe = make_recipe(cfg)
     ctx.batch_gpu, ctx.rounds = check_batch(cfg, ctx.world)
+    changes = check_resume_options(find_latest_state(run_dir) or cfg.resume, to_json(cfg), cfg.allow_option_change)
     _init_runtime(cfg, device, ctx.recipe)
     ctx.dataset, ctx.dataset_kwargs = open_dataset(cfg)
     if cfg.epochs is not None:  # --epochs fixes total_nimg only once the dataset size is known
@@ -223,6 +225,8 @@ def setup(cfg: TrainConfig, run_dir: str, device: torch.device) -> dnnlib.EasyDi
     _init_logging(run_dir)
     if stale:
         logger.info(f'Removed {len(stale)} temporary file(s) of interrupted writes: {_first([os.path.basename(p) for p in stale])}')
+    if changes:
+        logger.warning(f'Resuming with changed options (--allow-option-change): {"; ".join(changes)}')
     _build_modules(ctx)
     ctx.update(cur_nimg=0, total_elapsed_time=0.0, bad_loss=torch.zeros([], dtype=torch.bool, device=device))
     ctx.state_path = _restore(ctx)
