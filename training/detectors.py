@@ -320,27 +320,35 @@ def dinov2_missing_message(reason: str = '') -> str:
             f'and pass --dinov2 PATH (or set ${DINOV2_ENV}), or place it at {dinov2_candidates()[0]}; '
             f'or leave FD_DINOv2 out with --metrics=fid')
 
-def find_dinov2(path: str | None = None, allow_download: bool = True) -> str:
-    """Locate DINOv2 weights, offline first: explicit path / $EDM_DINOV2_WEIGHTS, the torch hub and dnnlib
-    caches, and last an announced download of the official file."""
-    source = path if path is not None else os.environ.get(DINOV2_ENV) or None
+def find_weights(path: str | None, env: str, flag: str, candidates: list[str], url: str, missing_message,
+                 allow_download: bool = True, announce: str | None = None) -> str:
+    """Locate a weights file, offline first: explicit path (flag) / $env, the cache candidates, and last a
+    download of url; missing_message(reason) says how to provide the file."""
+    source = path if path is not None else os.environ.get(env) or None
     if source is not None:
         if dnnlib.util.is_url(source):
             return dnnlib.util.open_url(source, return_filename=True)
         if not os.path.isfile(source):
-            flag = '--dinov2' if path is not None else f'${DINOV2_ENV}'
-            raise FileNotFoundError(f'{flag}={source}: no such file. ' + dinov2_missing_message())
+            raise FileNotFoundError(f'{flag if path is not None else "$" + env}={source}: no such file. ' + missing_message())
         return source
-    for candidate in dinov2_candidates():
+    for candidate in candidates:
         if os.path.isfile(candidate):
             return candidate
     if not allow_download:
-        raise dnnlib.util.UserError(dinov2_missing_message())
-    print(f'DINOv2 weights not found locally; downloading {DINOV2_URL} (1.2 GB). Use --dinov2 PATH to avoid this.')
+        raise dnnlib.util.UserError(missing_message())
+    if announce is not None:
+        print(announce)
     try:
-        return dnnlib.util.open_url(DINOV2_URL, return_filename=True)
+        return dnnlib.util.open_url(url, return_filename=True)
     except dnnlib.util.UserError as err:
-        raise dnnlib.util.UserError(dinov2_missing_message(f'download failed ({err})')) from None
+        raise dnnlib.util.UserError(missing_message(f'download failed ({err})')) from None
+
+def find_dinov2(path: str | None = None, allow_download: bool = True) -> str:
+    """Locate DINOv2 weights, offline first: explicit path / $EDM_DINOV2_WEIGHTS, the torch hub and dnnlib
+    caches, and last an announced download of the official file."""
+    return find_weights(path, DINOV2_ENV, '--dinov2', dinov2_candidates(), DINOV2_URL, dinov2_missing_message,
+                        allow_download, announce=f'DINOv2 weights not found locally; downloading {DINOV2_URL} (1.2 GB). '
+                                                 f'Use --dinov2 PATH to avoid this.')
 
 class DINOv2Detector(Detector):
     """CLS features of DINOv2 at 224x224 (bicubic, antialiased), ImageNet-normalised, as EDM2 does."""
@@ -393,23 +401,7 @@ def vgg16_missing_message(reason: str = '') -> str:
 def find_vgg16(path: str | None = None, allow_download: bool = True) -> str:
     """Locate vgg16.pt, offline first: explicit path / $EDM_VGG16_DETECTOR, the torch hub and dnnlib
     caches, and last a download of NVIDIA's file."""
-    source = path if path is not None else os.environ.get(VGG16_ENV) or None
-    if source is not None:
-        if dnnlib.util.is_url(source):
-            return dnnlib.util.open_url(source, return_filename=True)
-        if not os.path.isfile(source):
-            flag = '--vgg16' if path is not None else f'${VGG16_ENV}'
-            raise FileNotFoundError(f'{flag}={source}: no such file. ' + vgg16_missing_message())
-        return source
-    for candidate in vgg16_candidates():
-        if os.path.isfile(candidate):
-            return candidate
-    if not allow_download:
-        raise dnnlib.util.UserError(vgg16_missing_message())
-    try:
-        return dnnlib.util.open_url(VGG16_URL, return_filename=True)
-    except dnnlib.util.UserError as err:
-        raise dnnlib.util.UserError(vgg16_missing_message(f'download failed ({err})')) from None
+    return find_weights(path, VGG16_ENV, '--vgg16', vgg16_candidates(), VGG16_URL, vgg16_missing_message, allow_download)
 
 class VGG16Detector(Detector):
     """4096-d VGG-16 features of NVIDIA's TorchScript vgg16.pt, the precision/recall detector of
