@@ -152,7 +152,7 @@ def _duration(text, preset):
 @click.option('--precond',       help='Preconditioning & loss', type=click.Choice(list(presets.PRECONDS)))
 @click.option('--stf',           help='Stable Target Field loss (--stf alone = 1)', metavar='BOOL', type=bool, is_flag=False, flag_value=True)
 @click.option('--no-stf', 'no_stf', help='Same as --stf=0', is_flag=True)
-@click.option('--rbatch',        help='STF reference batch per GPU  [default: 4096]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--rbatch',        help='STF reference batch per GPU (none = 4096)', metavar='INT', type=click.IntRange(min=1))
 # Hyperparameters.
 @click.option('--duration',      help='Training duration: a plain number is Mimg for EDM presets, images for EDM2 presets; or 200M, 2048Mi', metavar='NIMG', type=str)
 @click.option('--batch', '--batch-size', 'batch', help='Total batch size', metavar='NIMG', type=NimgType())

@@ -146,3 +146,10 @@ def test_loss_is_the_mean_over_elements_of_the_edm2_loss(tmp_path):
     assert loss.shape == (4,) and torch.equal(loss, expected)
     persistence.save_pickle(dict(loss_fn=CifarEDM2Loss()), tmp_path / 'loss.pkl')
     assert persistence.load_pickle(tmp_path / 'loss.pkl')['loss_fn'].flip is True  # the safe loader knows it
+
+
+def test_config_network_table_mirrors_the_network_module():
+    from training import cifar_edm2_configs, networks_cifar_edm2
+    assert cifar_edm2_configs.NETWORKS == networks_cifar_edm2.NETWORKS
+    for name, ref in cifar_edm2_configs.REFERENCE_CONFIGS.items():
+        assert ref.network_kwargs() == networks_cifar_edm2.network_kwargs(ref.dataset, ref.config), name

@@ -9,7 +9,7 @@ length (training/recipe_cifar_edm2.steps_per_epoch), snapshots every 100 epochs.
 
 from dataclasses import replace
 
-from training import recipe_cifar_edm2 as rc
+from training import cifar_edm2_configs as rc
 from training.presets import TrainConfig
 
 # TrainConfig fields of the cifar-edm2 recipe only, with what they mean.

@@ -31,7 +31,7 @@ ABLATION_OPTIONS = ('solver', 'discretization', 'schedule', 'scaling')
 
 # Names of training.sampling.SAMPLERS, kept here so generate.py --help lists them without importing torch
 # (tests/test_help.py checks that the two agree).
-SAMPLER_NAMES = ('edm', 'edm1', 'edm2', 'ablation', 'ddim', 'ddpm', 'dpmpp2m', 'dpmpp2m-sde')
+SAMPLER_NAMES = ('edm', 'edm1', 'edm2', 'ablation', 'ddim', 'ddpm', 'dpmpp2m', 'dpmpp2m-sde', 'cifar-edm2')
 
 
 @dataclass(frozen=True)
