@@ -85,7 +85,7 @@ def main(outdir: str, kimg: int, num_images: int, device: str) -> None:
     """Run dataset_tool -> train -> generate -> fid on a built-in CIFAR-10 subset.
 
     \b
-    python quickstart.py                  # about 4 minutes on 2 CPU cores
+    python quickstart.py                  # about 3 minutes on 2 CPU cores
     python quickstart.py --kimg=400       # longer training, better images
     """
     start = time.time()
