@@ -39,28 +39,8 @@ def train(run_dir, **overrides):
     return tl.training_loop(cfg, str(run_dir), torch.device('cpu'))
 
 
-def state(run_dir):
-    return torch.load(tl.find_latest_state(str(run_dir)), map_location='cpu', weights_only=False)
-
-
-def flat(x, prefix=''):
-    if isinstance(x, torch.Tensor):
-        return {prefix: x}
-    if isinstance(x, dict):
-        return {k: v for key, val in x.items() for k, v in flat(val, f'{prefix}/{key}').items()}
-    if isinstance(x, (list, tuple)):
-        return {k: v for i, val in enumerate(x) for k, v in flat(val, f'{prefix}/{i}').items()}
-    return {prefix: x}
-
-
-def assert_same(a, b, atol=0.0):
-    fa, fb = flat({k: a[k] for k in ('net', 'ema', 'optimizer', 'cur_nimg')}), flat({k: b[k] for k in ('net', 'ema', 'optimizer', 'cur_nimg')})
-    assert fa.keys() == fb.keys()
-    for key, value in fa.items():
-        if isinstance(value, torch.Tensor):
-            assert (value.double() - fb[key].double()).abs().max().item() <= atol, key
-        else:
-            assert value == fb[key], key
+# The training-state helpers of the EDM/EDM2 loop tests serve here too.
+from tests.test_train import assert_states_equal as assert_same, load_state as state  # noqa: E402
 
 #----------------------------------------------------------------------------
 # Losses, EMA, learning rate.
