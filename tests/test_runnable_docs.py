@@ -78,6 +78,10 @@ def test_runnable_blocks_run_as_written(tmp_path, monkeypatch):
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     from torch_utils import distributed as dist
     monkeypatch.setattr(dist, 'install_signal_handlers', lambda: None)  # train.py's SIGTERM handler stays out of pytest
+    # dataset_tool forks a Pool; forked from this long-lived, multithreaded pytest process (not the fresh process a
+    # user's command is), a worker once hung on a lock another thread held. The guide's commands convert in-process here.
+    from training import dataset_convert
+    monkeypatch.setattr(dataset_convert, 'default_workers', lambda: 1)
     variables = {}
     for name, block in runnable_blocks():
         for line in commands(block):
