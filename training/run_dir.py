@@ -22,10 +22,6 @@ from torch_utils import distributed as dist
 from training.presets import TrainConfig, to_json
 from training.resume_options import HARMLESS_OPTIONS
 
-# Options that may differ when an interrupted run is continued by rerunning its command: the same
-# ones that resuming accepts without --allow-option-change.
-RESUME_FREE_FIELDS = HARMLESS_OPTIONS
-
 
 def run_description(cfg: TrainConfig, world_size: int, desc: str | None = None) -> str:
     """EDM's run name: <dataset>-<cond|uncond>-<arch>-<precond>-gpus<N>-batch<B>-<dtype>[-<desc>]."""
@@ -56,7 +52,7 @@ def _same_options(run_dir: str, cfg: TrainConfig) -> bool:
     except (OSError, ValueError):
         return False
     current = to_json(cfg)
-    return all(stored.get(key) == value for key, value in current.items() if key not in RESUME_FREE_FIELDS)
+    return all(stored.get(key) == value for key, value in current.items() if key not in HARMLESS_OPTIONS)  # what resuming accepts too
 
 
 def _trained_nimg(run_dir: str) -> int | None:
