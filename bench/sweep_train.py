@@ -1,0 +1,150 @@
+"""One switch at a time: the training step of train.py (augmentation, loss, backward, gradient cleaning, Adam,
+EMA) under each combination of precision, memory format, compile mode, Adam and attention implementation.
+
+    python -m bench.sweep_train --net ddpmpp-cifar10 --batch 512 --variants fp16,bf16,bf16+cl+blocks
+    python -m bench.sweep_train --net ddpmpp-cifar10 --size tiny --device cpu --variants fp32,bf16 --steps 2
+
+A variant is '+'-joined switches: a precision (fp32, fp16 = the reference fp16 path, bf16 = autocast with
+bf16 group norm, bf16gn32 = autocast with float32 group norm), then any of cl (channels-last weights),
+blocks / full (torch.compile per block / whole network), foreach (Adam), einsum (reference attention).
+Each variant runs in a fresh process with its own inductor cache, so a compile is timed cold; `VARIANT@warm`
+reruns it on the cache the previous process left (a resume). One JSON line per variant.
+"""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import click
+import torch
+
+from bench import configs, timing
+from training import augment, loss, networks, phema, speed
+
+PRECISIONS = ('fp32', 'fp16', 'bf16', 'bf16gn32')
+SWITCHES = ('cl', 'blocks', 'full', 'foreach', 'einsum')
+
+
+def parse_variant(text: str) -> dict:
+    """'bf16+cl+blocks' -> dict(precision='bf16', cl=True, compile='blocks', adam='fused', attention='sdpa')."""
+    precision, *switches = text.split('+')
+    bad = [s for s in switches if s not in SWITCHES]
+    if precision not in PRECISIONS or bad:
+        raise click.BadParameter(f'{text!r}: precision must be one of {PRECISIONS} and switches from {SWITCHES}')
+    compile_mode = 'full' if 'full' in switches else 'blocks' if 'blocks' in switches else None
+    return dict(precision=precision, cl='cl' in switches, compile=compile_mode,
+                adam='foreach' if 'foreach' in switches else 'fused', attention='einsum' if 'einsum' in switches else 'sdpa')
+
+
+def build_step(net_name: str, size: str, batch: int, variant: dict, device: torch.device):
+    """A closure running one training step of train.py's EDM recipe with the variant's switches."""
+    spec = configs.net_spec(net_name, size)
+    kwargs = dict(spec.kwargs, use_fp16=(variant['precision'] == 'fp16'))
+    torch.manual_seed(0)
+    with torch.device(device):
+        net = networks.EDMPrecond(**kwargs).train().requires_grad_(True)
+    if variant['cl']:
+        net.to(memory_format=torch.channels_last)
+    ema = phema.TraditionalEMA(net, halflife_Mimg=0.5, rampup_ratio=0.05)
+    call = speed.compile_network(net, variant['compile']) if variant['compile'] else net
+    pipe = augment.AugmentPipe(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+    loss_fn = loss.EDMLoss()
+    fused = variant['adam'] == 'fused' and device.type == 'cuda'
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, fused=fused or None,
+                                 foreach=not fused)
+    gen = torch.Generator(device).manual_seed(0)
+    images = torch.randint(0, 256, [batch, 3, net.img_resolution, net.img_resolution], generator=gen, device=device,
+                           dtype=torch.uint8)
+    labels = torch.eye(net.label_dim, device=device)[torch.randint(net.label_dim, [batch], generator=gen, device=device)]
+    bf16 = variant['precision'].startswith('bf16')
+    state = dict(nimg=0)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            value = loss_fn(net=call, images=images.to(torch.float32) / 127.5 - 1, labels=labels, augment_pipe=pipe)
+        value.to(torch.float32).sum().mul(1 / batch).backward()
+        for grad in [p.grad for p in net.parameters() if p.grad is not None]:
+            torch.nan_to_num(grad, nan=0, posinf=1e5, neginf=-1e5, out=grad)
+        optimizer.step()
+        ema.update(cur_nimg=state['nimg'], batch_size=batch)
+        state['nimg'] += batch
+    return step
+
+
+def run_one(net_name, size, batch, text, device, steps) -> dict:
+    """Time the first step (compile, autotuning) and the median of `steps` steady ones."""
+    variant = parse_variant(text.split('@')[0])
+    patch = contextlib.nullcontext()
+    if variant['precision'] == 'bf16gn32':  # the old behaviour: autocast runs group norm in float32
+        patch = _patched(networks, '_autocast_off', lambda x: contextlib.nullcontext())
+    with patch, networks.attention_impl('reference' if variant['attention'] == 'einsum' else 'sdpa'):
+        start = time.perf_counter()
+        step = build_step(net_name, size, batch, variant, device)
+        with timing.peak_memory(device) as mem:
+            step()
+            timing.synchronize(device)
+            first_s = time.perf_counter() - start
+            step()
+            result = timing.time_call(step, device, warmup=1, reps=steps)
+    return dict(variant=text, net=net_name, size=size, batch=batch, first_step_s=round(first_s, 2),
+                step_s=result['median_s'], images_per_s=batch / result['median_s'], peak_mem_mb=mem.get('peak_mem_mb'),
+                times_s=result['times_s'])
+
+
+@contextlib.contextmanager
+def _patched(module, name, value):
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+@click.command()
+@click.option('--net', 'net_name', default='ddpmpp-cifar10', show_default=True, type=click.Choice(['ddpmpp-cifar10', 'adm-imagenet64']))
+@click.option('--size', default='full', show_default=True, type=click.Choice(['full', 'tiny', 'quick']))
+@click.option('--batch', default=512, show_default=True, type=click.IntRange(min=1))
+@click.option('--variants', required=True, help='Comma list of variants (module docstring)')
+@click.option('--steps', default=10, show_default=True, type=click.IntRange(min=1), help='Timed steps per variant')
+@click.option('--device', default='auto', show_default=True)
+@click.option('--inline', is_flag=True, help='Run in this process (one variant)')
+@click.option('--out', type=click.Path(dir_okay=False), help='Append the JSON lines here too')
+def main(net_name, size, batch, variants, steps, device, inline, out):
+    """Time train.py's training step under each variant, one fresh process per variant."""
+    from torch_utils import misc
+    device = misc.choose_device(device)
+    torch.backends.cudnn.benchmark = True
+    if inline:
+        click.echo(json.dumps(run_one(net_name, size, batch, variants, device, steps)))
+        return
+    cache_dirs = {}
+    for text in variants.split(','):
+        parse_variant(text.split('@')[0])
+        base = text.split('@')[0]
+        if not text.endswith('@warm') or base not in cache_dirs:
+            cache_dirs[base] = tempfile.mkdtemp(prefix='inductor-')
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dirs[base], PYTHONUNBUFFERED='1')
+        cmd = [sys.executable, '-m', 'bench.sweep_train', '--inline', f'--net={net_name}', f'--size={size}',
+               f'--batch={batch}', f'--variants={text}', f'--steps={steps}', f'--device={device}']
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith('{')]
+        if proc.returncode != 0 or not lines:
+            record = dict(variant=text, error=(proc.stderr.strip().splitlines() or ['?'])[-1][:300])
+        else:
+            record = json.loads(lines[-1])
+        record['process_s'] = round(time.perf_counter() - start, 1)
+        click.echo(json.dumps(record), nl=True)
+        if out:
+            with open(out, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+
+
+if __name__ == '__main__':
+    main()

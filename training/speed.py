@@ -1,0 +1,103 @@
+"""Speed switches of the training and sampling scripts: torch.compile (whole network or per block), and the
+checks that turn a fast flag the device cannot honour into one line (and a fallback) instead of a traceback.
+
+Every switch here changes speed only; tests/test_fastpaths.py and tests/test_speed.py hold each one against
+the reference numerics on the CPU.
+"""
+
+import functools
+import importlib.util
+import os
+import shutil
+import warnings
+
+import torch
+
+COMPILE_MODES = ('blocks', 'full')
+
+# The repeated blocks of each backbone, by module and class name (imported lazily: no cycles).
+REGION_CLASSES = {
+    'training.networks':            ('UNetBlock',),
+    'training.networks_edm2':       ('Block',),
+    'training.networks_ddpm':       ('ResidualBlock', 'AttentionBlock'),
+    'training.networks_cifar_edm2': ('ResBlock', 'AttentionBlock', 'UpDownBlock'),
+}
+
+#----------------------------------------------------------------------------
+# torch.compile.
+
+
+def _region_types() -> tuple[type, ...]:
+    types = []
+    for module_name, class_names in REGION_CLASSES.items():
+        module = importlib.import_module(module_name)
+        types += [getattr(module, name) for name in class_names]
+    return tuple(types)
+
+
+def compile_regions(net: torch.nn.Module, backend: str = 'inductor') -> list[str]:
+    """Compile each repeated block of `net` in place (regional compilation); returns the compiled modules' names.
+
+    Blocks of one class and shape share one compiled graph, so a UNet compiles a handful of graphs instead of one
+    huge one, and the state_dict keeps its keys. Shapes stay static (no dynamic-shape kernels).
+    """
+    region_types = _region_types()
+    names = []
+    for name, module in net.named_modules():
+        if isinstance(module, region_types) and not any(name.startswith(done + '.') for done in names):
+            module.compile(backend=backend, dynamic=False)
+            names.append(name)
+    # Each distinct block configuration is one cache entry of the same code object.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * max(len(names), 1))
+    return names
+
+
+def compile_network(net: torch.nn.Module, mode: str, backend: str = 'inductor') -> torch.nn.Module:
+    """The module to call for training: `net` with compiled blocks ('blocks') or torch.compile(net) ('full')."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f'compile mode must be one of {COMPILE_MODES}, got {mode!r}')
+    if mode == 'full':
+        return torch.compile(net, backend=backend, dynamic=False)
+    if not compile_regions(net, backend=backend):
+        return torch.compile(net, backend=backend, dynamic=False)  # no known blocks: compile it whole
+    return net
+
+#----------------------------------------------------------------------------
+# What the device can do.
+
+
+@functools.cache
+def compiler_missing(device_type: str) -> str | None:
+    """Why torch.compile (inductor) cannot run on `device_type`, or None when it can."""
+    if device_type == 'cuda':
+        if importlib.util.find_spec('triton') is None:
+            return 'torch.compile needs Triton on CUDA, and it is not installed (pip install triton)'
+        major, _minor = torch.cuda.get_device_capability()
+        if major < 7:
+            return f'torch.compile (Triton) needs a GPU of compute capability 7.0 or newer, this one is {major}.x'
+        return None
+    if device_type == 'cpu':
+        compiler = os.environ.get('CXX') or 'g++'
+        if shutil.which(compiler) is None and shutil.which('clang++') is None:
+            return f'torch.compile on the CPU needs a C++ compiler ({compiler} or clang++), and none is on PATH'
+        return None
+    if device_type == 'mps':
+        return None
+    return f'torch.compile is not supported on device type {device_type!r}'
+
+
+def bf16_missing(device: torch.device) -> str | None:
+    """Why bf16 cannot run fast on `device`, or None when it can."""
+    if device.type == 'cuda' and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return f'{torch.cuda.get_device_name(device)} has no native bf16 (it needs compute capability 8.0 or newer)'
+    return None
+
+
+def honour(flag: str, reason: str | None, explicit: bool) -> bool:
+    """True when the switch can stay on; else a one-line error (the user asked for it) or a warning and False."""
+    if reason is None:
+        return True
+    if explicit:
+        raise ValueError(f'{flag}: {reason}. Drop {flag} to run without it')
+    warnings.warn(f'{flag} is off: {reason}', stacklevel=2)
+    return False
