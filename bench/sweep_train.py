@@ -23,7 +23,7 @@ import click
 import torch
 
 from bench import configs, timing
-from training import augment, loss, networks, phema, speed
+from training import augment, loss, networks, phema, sampling, speed
 
 PRECISIONS = ('fp32', 'fp16', 'bf16', 'bf16gn32')
 SWITCHES = ('cl', 'blocks', 'full', 'foreach', 'einsum')
@@ -76,7 +76,31 @@ def build_step(net_name: str, size: str, batch: int, variant: dict, device: torc
     return step
 
 
-def run_one(net_name, size, batch, text, device, steps) -> dict:
+def build_sampler(net_name: str, size: str, batch: int, variant: dict, device: torch.device):
+    """A closure generating one batch with generate.py's EDM sampler (18 steps) under the variant's switches."""
+    spec = configs.net_spec(net_name, size)
+    torch.manual_seed(0)
+    with torch.device(device):
+        net = networks.EDMPrecond(**dict(spec.kwargs, use_fp16=(variant['precision'] == 'fp16'))).eval()
+    net.requires_grad_(False)
+    if variant['cl']:
+        net.to(memory_format=torch.channels_last)
+    call = speed.compile_network(net, variant['compile']) if variant['compile'] else net
+    for name in ('img_channels', 'img_resolution', 'label_dim', 'sigma_min', 'sigma_max', 'round_sigma'):
+        if call is not net:
+            setattr(call, name, getattr(net, name))
+    gen = torch.Generator(device).manual_seed(0)
+    noise = torch.randn([batch, 3, net.img_resolution, net.img_resolution], generator=gen, device=device)
+    labels = torch.eye(net.label_dim, device=device)[torch.randint(net.label_dim, [batch], generator=gen, device=device)]
+    bf16 = variant['precision'].startswith('bf16')
+
+    def run():
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            return sampling.edm_sampler(call, noise, labels, num_steps=18)
+    return run
+
+
+def run_one(net_name, size, batch, text, device, steps, task='train') -> dict:
     """Time the first step (compile, autotuning) and the median of `steps` steady ones."""
     variant = parse_variant(text.split('@')[0])
     patch = contextlib.nullcontext()
@@ -84,14 +108,14 @@ def run_one(net_name, size, batch, text, device, steps) -> dict:
         patch = _patched(networks, '_autocast_off', lambda x: contextlib.nullcontext())
     with patch, networks.attention_impl('reference' if variant['attention'] == 'einsum' else 'sdpa'):
         start = time.perf_counter()
-        step = build_step(net_name, size, batch, variant, device)
+        step = (build_step if task == 'train' else build_sampler)(net_name, size, batch, variant, device)
         with timing.peak_memory(device) as mem:
             step()
             timing.synchronize(device)
             first_s = time.perf_counter() - start
             step()
             result = timing.time_call(step, device, warmup=1, reps=steps)
-    return dict(variant=text, net=net_name, size=size, batch=batch, first_step_s=round(first_s, 2),
+    return dict(task=task, variant=text, net=net_name, size=size, batch=batch, first_step_s=round(first_s, 2),
                 step_s=result['median_s'], images_per_s=batch / result['median_s'], peak_mem_mb=mem.get('peak_mem_mb'),
                 times_s=result['times_s'])
 
@@ -108,6 +132,7 @@ def _patched(module, name, value):
 
 @click.command()
 @click.option('--net', 'net_name', default='ddpmpp-cifar10', show_default=True, type=click.Choice(['ddpmpp-cifar10', 'adm-imagenet64']))
+@click.option('--task', default='train', show_default=True, type=click.Choice(['train', 'sample']))
 @click.option('--size', default='full', show_default=True, type=click.Choice(['full', 'tiny', 'quick']))
 @click.option('--batch', default=512, show_default=True, type=click.IntRange(min=1))
 @click.option('--variants', required=True, help='Comma list of variants (module docstring)')
@@ -115,13 +140,13 @@ def _patched(module, name, value):
 @click.option('--device', default='auto', show_default=True)
 @click.option('--inline', is_flag=True, help='Run in this process (one variant)')
 @click.option('--out', type=click.Path(dir_okay=False), help='Append the JSON lines here too')
-def main(net_name, size, batch, variants, steps, device, inline, out):
+def main(task, net_name, size, batch, variants, steps, device, inline, out):
     """Time train.py's training step under each variant, one fresh process per variant."""
     from torch_utils import misc
     device = misc.choose_device(device)
     torch.backends.cudnn.benchmark = True
     if inline:
-        click.echo(json.dumps(run_one(net_name, size, batch, variants, device, steps)))
+        click.echo(json.dumps(run_one(net_name, size, batch, variants, device, steps, task)))
         return
     cache_dirs = {}
     for text in variants.split(','):
@@ -130,7 +155,7 @@ def main(net_name, size, batch, variants, steps, device, inline, out):
         if not text.endswith('@warm') or base not in cache_dirs:
             cache_dirs[base] = tempfile.mkdtemp(prefix='inductor-')
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dirs[base], PYTHONUNBUFFERED='1')
-        cmd = [sys.executable, '-m', 'bench.sweep_train', '--inline', f'--net={net_name}', f'--size={size}',
+        cmd = [sys.executable, '-m', 'bench.sweep_train', '--inline', f'--task={task}', f'--net={net_name}', f'--size={size}',
                f'--batch={batch}', f'--variants={text}', f'--steps={steps}', f'--device={device}']
         start = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
