@@ -101,7 +101,7 @@ def overrides_from_options(opts: dict) -> dict:
               ema_halflife_Mimg=o.pop('ema'), edm2_config=o.pop('edm2_config'), dropout=o.pop('dropout'), augment=o.pop('augment'), xflip=o.pop('xflip'),
               model_channels=o.pop('cbase'), channel_mult=_int_list(o.pop('cres')), P_mean=o.pop('P_mean'),
               P_std=o.pop('P_std'), fp16=o.pop('fp16'), bf16=o.pop('bf16'), loss_scaling=o.pop('ls'),
-              seed=o.pop('seed'), device=o.pop('device'), compile=o.pop('compile'), channels_last=o.pop('channels_last'),
+              seed=o.pop('seed'), device=o.pop('device'), compile=o.pop('compile'), fast=o.pop('fast'), channels_last=o.pop('channels_last'),
               deterministic=o.pop('deterministic'), cudnn_benchmark=o.pop('bench'), workers=o.pop('workers'), cache=o.pop('cache'),
               transfer=o.pop('transfer'), resume=o.pop('resume'), trust_pickle=o.pop('trust_pickle'), status_nimg=o.pop('status'),
               snapshot_nimg=o.pop('snapshot'), checkpoint_nimg=o.pop('checkpoint'),
@@ -174,7 +174,8 @@ def _duration(text, preset):
 @click.option('--bf16',          help='bf16 autocast', metavar='BOOL', type=bool)
 @click.option('--ls',            help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--channels-last', help='Channels-last weights (conv nets)', metavar='BOOL', type=bool)
-@click.option('--compile/--no-compile', help='torch.compile the network', default=None)
+@click.option('--compile/--no-compile', help='torch.compile the network\'s repeated blocks', default=None)
+@click.option('--fast',          help='Fastest measured set: bf16 + --compile where the device runs them (docs/performance.md)', is_flag=True, default=None)
 @click.option('--deterministic/--no-deterministic', help='Deterministic algorithms', default=None)
 @click.option('--bench',         help='cuDNN benchmarking (off with --deterministic)', metavar='BOOL', type=bool)
 @click.option('--workers',       help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0))

@@ -72,7 +72,8 @@ class TrainConfig:
     checkpoint_nimg:    Optional[int]           = 25_000_000  # Training state interval; None = only at the end.
     seed:               int                     = 0         # Global random seed.
     device:             str                     = 'auto'    # auto | cuda | cpu | mps.
-    compile:            bool                    = False     # torch.compile the network.
+    compile:            bool                    = False     # torch.compile the network's repeated blocks.
+    fast:               bool                    = False     # The best measured speed set: bf16 + compile where the device runs them.
     channels_last:      bool                    = False     # Channels-last weights for the conv nets (inputs stay NCHW).
     deterministic:      bool                    = False     # torch.use_deterministic_algorithms.
     cudnn_benchmark:    bool                    = True      # cuDNN autotuning (EDM --bench); off when deterministic.
@@ -192,6 +193,11 @@ PRESETS.update(CIFAR_EDM2_PRESETS)
 #----------------------------------------------------------------------------
 
 
+# What --fast turns on (docs/performance.md has the measurements): bf16 in place of fp16 (same speed, no loss
+# scaling), and torch.compile of the repeated blocks.
+FAST_SWITCHES = dict(bf16=True, fp16=False, compile=True)
+
+
 def build_config(preset: str = DEFAULT_PRESET, **overrides) -> TrainConfig:
     """Preset + non-None overrides -> resolved and validated TrainConfig (pure; no I/O)."""
     if preset not in PRESETS:
@@ -201,6 +207,9 @@ def build_config(preset: str = DEFAULT_PRESET, **overrides) -> TrainConfig:
     if unknown:
         raise ValueError(f'unknown config fields {unknown}; valid fields: {sorted(names)}')
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get('fast'):  # options given beside --fast win; training/speed.py drops what the device lacks
+        fill = {k: v for k, v in FAST_SWITCHES.items() if k not in overrides and not (k == 'bf16' and overrides.get('fp16'))}
+        overrides = {**fill, **overrides}
     for key in ('channel_mult', 'attn_resolutions', 'adam_betas', 'ema_stds'):
         if key in overrides:
             overrides[key] = tuple(overrides[key])

@@ -58,6 +58,8 @@ class GenerateConfig:
     precision:      str             = 'fp32'    # fp32 | bf16 (autocast of the network calls).
     channels_last:  bool            = False     # Channels-last weights and inputs.
     batched_guidance: bool          = False     # net and gnet in one vmapped call (same architecture), else overlapped.
+    compile:        bool            = False     # torch.compile the networks' repeated blocks.
+    fast:           bool            = False     # The best measured speed set: bf16 + compile where the device runs them.
     # Sampler.
     sampler:        Optional[str]   = None      # training.sampling.SAMPLERS name; None = edm, or ablation if ablated.
     num_steps:      Optional[int]   = None      # Number of noise levels.
@@ -188,6 +190,10 @@ def _check_ddpm_options(cfg: GenerateConfig) -> None:
         raise ValueError(f'--subseq-size={cfg.subseq_size} must be at least 1')
 
 
+# What --fast turns on (docs/performance.md has the measurements).
+FAST_SWITCHES = dict(precision='bf16', compile=True)
+
+
 def build_config(preset: str | None = None, **overrides) -> GenerateConfig:
     """Preset (or defaults) with the given non-None options applied, validated (EDM2 generate_images.py cmdline)."""
     if preset is not None and preset not in PRESETS:
@@ -196,7 +202,10 @@ def build_config(preset: str | None = None, **overrides) -> GenerateConfig:
     unknown = set(overrides) - fields
     if unknown:
         raise TypeError(f'build_config got unknown options {sorted(unknown)}')
-    cfg = replace(PRESETS[preset] if preset else GenerateConfig(), **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get('fast'):  # options given beside --fast win; generate_from_config drops what the device lacks
+        overrides = {**{k: v for k, v in FAST_SWITCHES.items() if k not in overrides}, **overrides}
+    cfg = replace(PRESETS[preset] if preset else GenerateConfig(), **overrides)
 
     if cfg.net is None and cfg.outdir is None:
         raise ValueError('no network: give --net (or --network) PKL|URL, a --preset, or --outdir=RUN_DIR to sample '

@@ -624,6 +624,7 @@ def generate_images(
     precision       = 'fp32',       # 'fp32' (reference numerics) or 'bf16' (autocast of the network calls).
     channels_last   = False,        # Channels-last weights and inputs for the networks (CUDA speed-up).
     batched_guidance= False,        # net and gnet in one vmapped call if they share an architecture, else overlapped (CUDA).
+    compile         = False,        # torch.compile the networks' repeated blocks (training/speed.py)?
     **sampler_kwargs,               # Options of the sampler, e.g. num_steps, guidance, S_churn.
 ) -> ImageBatches:
     """Images for the given seeds, identical for any batch size or number of ranks (EDM2 generate_images.py)."""
@@ -643,6 +644,11 @@ def generate_images(
     if encoder is not None and hasattr(encoder, 'init'):
         encoder.init(device)
     net, gnet, sampler_kwargs = apply_fast_paths(net, gnet, sampler_kwargs, channels_last, batched_guidance)
+    if compile:
+        from training import speed
+        for module in (net, gnet):
+            if module is not None:
+                speed.compile_regions(module)
     autocast = precision_context(precision, device)
 
     def make_batch(batch_seeds):
@@ -827,6 +833,13 @@ def _prepare_outputs(cfg) -> None:
         dnnlib.util.remove_stale_temp_files(os.path.dirname(os.path.abspath(cfg.grid)), targets=re.escape(os.path.basename(cfg.grid)))
 
 
+def speed_switches(cfg, device: torch.device):
+    """GenerateConfig with the speed switches `device` cannot run turned off (training.speed.usable_switches)."""
+    from training import speed
+    bf16, compile_ = speed.usable_switches(device, cfg.fast, cfg.precision == 'bf16', cfg.compile, '--precision=bf16')
+    return dataclasses.replace(cfg, precision='bf16' if bf16 else 'fp32', compile=compile_)
+
+
 def generate_from_config(cfg) -> None:
     """Run a resolved `GenerateConfig` (training.presets_generate) on all ranks of this process group."""
     import tqdm
@@ -836,6 +849,7 @@ def generate_from_config(cfg) -> None:
         return
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = dist.device_for_rank(misc.choose_device(cfg.device))
+    cfg = speed_switches(cfg, device)
     seeds = pending_seeds(cfg.seeds, cfg.outdir, cfg.subdirs)  # Before any rank writes.
     if rank != 0:
         dist.barrier()  # Rank 0 loads (and downloads) first.
@@ -848,7 +862,7 @@ def generate_from_config(cfg) -> None:
                               batch_size=cfg.batch_size, sampler=cfg.sampler, device=device,
                               rank=rank, world_size=world_size, precision=cfg.precision,
                               channels_last=cfg.channels_last, batched_guidance=cfg.batched_guidance,
-                              **cfg.sampler_kwargs())
+                              compile=cfg.compile, **cfg.sampler_kwargs())
     skipped = len(cfg.seeds) - len(seeds)
     dist.print0(f'Generating {len(seeds)} images' + (f' ({skipped} already written)' if skipped else '') + ' ...')
     kept = {}

@@ -9,9 +9,12 @@ import functools
 import importlib.util
 import os
 import shutil
-import warnings
+import sys
 
 import torch
+
+import dnnlib
+from torch_utils import distributed as dist
 
 COMPILE_MODES = ('blocks', 'full')
 
@@ -56,11 +59,18 @@ def compile_network(net: torch.nn.Module, mode: str, backend: str = 'inductor') 
     """The module to call for training: `net` with compiled blocks ('blocks') or torch.compile(net) ('full')."""
     if mode not in COMPILE_MODES:
         raise ValueError(f'compile mode must be one of {COMPILE_MODES}, got {mode!r}')
+    keep_compiled_kernels()
     if mode == 'full':
         return torch.compile(net, backend=backend, dynamic=False)
     if not compile_regions(net, backend=backend):
         return torch.compile(net, backend=backend, dynamic=False)  # no known blocks: compile it whole
     return net
+
+def keep_compiled_kernels() -> str:
+    """Point inductor's on-disk cache into the dnnlib cache ($DNNLIB_CACHE_DIR or ~/.cache/dnnlib), unless
+    TORCHINDUCTOR_CACHE_DIR is set: its default, /tmp, is lost on reboot and with every container, and with the
+    cache a rerun or resume skips most of the compile (measured in docs/performance.md)."""
+    return os.environ.setdefault('TORCHINDUCTOR_CACHE_DIR', dnnlib.make_cache_dir_path('torchinductor'))
 
 #----------------------------------------------------------------------------
 # What the device can do.
@@ -99,5 +109,31 @@ def honour(flag: str, reason: str | None, explicit: bool) -> bool:
         return True
     if explicit:
         raise ValueError(f'{flag}: {reason}. Drop {flag} to run without it')
-    warnings.warn(f'{flag} is off: {reason}', stacklevel=2)
+    warn(f'{flag} is off: {reason}')
     return False
+
+
+def warn(message: str) -> None:
+    """One line on stderr (rank 0 only)."""
+    if dist.get_rank() == 0:
+        print(f'Warning: {message}', file=sys.stderr, flush=True)
+
+
+
+def usable_switches(device: torch.device, fast: bool, bf16: bool, compile: bool, bf16_flag: str) -> tuple[bool, bool]:
+    """(bf16, compile) with what `device` cannot run turned off: a warning for what --fast chose, a one-line
+    ValueError for what the user asked for by name (`bf16_flag`, e.g. '--bf16=1')."""
+    if fast and device.type != 'cuda':  # measured gains are CUDA's; bf16 autocast is slow on most CPUs
+        if bf16 or compile:
+            warn(f'--fast turns nothing on for device {device.type}: bf16 and --compile pay on CUDA GPUs only')
+        return False, False
+    bf16 = bf16 and honour('--fast (bf16)' if fast else bf16_flag, bf16_missing(device), explicit=not fast)
+    compile = compile and honour('--compile', compiler_missing(device.type), explicit=not fast)
+    return bf16, compile
+
+
+def resolve_switches(cfg, device: torch.device):
+    """TrainConfig with the speed switches `device` cannot run turned off (usable_switches)."""
+    import dataclasses
+    bf16, compile_ = usable_switches(device, cfg.fast, cfg.bf16, cfg.compile, '--bf16=1')
+    return dataclasses.replace(cfg, bf16=bf16, compile=compile_)

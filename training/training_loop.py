@@ -32,6 +32,7 @@ from training.recipes import learning_rate_schedule  # noqa: F401  (public name 
 from training.recipes import make_recipe
 from training.recipes import step_seed  # noqa: F401  (public name of this module)
 from training.resume_options import check_resume_options
+from training import speed
 
 STATE_FORMAT_VERSION = 1
 logger = logging.getLogger('edm.training')
@@ -206,6 +207,7 @@ _RUN_FILES = r'training-state-\d+\.pt|network-snapshot-[\w.-]+\.pkl|[\w-]+\.json
 
 def setup(cfg: TrainConfig, run_dir: str, device: torch.device) -> dnnlib.EasyDict:
     """Everything the loop needs, in an EasyDict: data, networks, optimizer, EMA, restored state."""
+    cfg = speed.resolve_switches(cfg, device)
     ctx = dnnlib.EasyDict(cfg=cfg, run_dir=run_dir, device=device, rank=dist.get_rank(), world=dist.get_world_size())
     ctx.recipe = make_recipe(cfg)
     ctx.batch_gpu, ctx.rounds = check_batch(cfg, ctx.world)
@@ -260,10 +262,6 @@ def _build_modules(ctx) -> None:
             inputs = ctx.recipe.summary_inputs(ctx.batch_gpu, image.shape[1:], ctx.dataset.label_dim, device)
             misc.print_module_summary(net, inputs, max_nesting=2)
     ctx.net = net
-    train_net = torch.compile(net) if cfg.compile else net
-    ctx.ddp = train_net
-    if ctx.world > 1:
-        ctx.ddp = torch.nn.parallel.DistributedDataParallel(train_net, device_ids=[device] if device.type == 'cuda' else None)
     ctx.loss_fn = dnnlib.util.construct_class_by_name(**ctx.recipe.loss_kwargs())
     aug = augment_kwargs(cfg)
     ctx.augment_pipe = dnnlib.util.construct_class_by_name(**aug) if aug is not None else None
@@ -274,6 +272,11 @@ def _build_modules(ctx) -> None:
         opt_kwargs.foreach = True  # one multi-tensor update instead of a Python loop per parameter
     ctx.optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **opt_kwargs)
     ctx.ema = ctx.recipe.make_ema(net)
+    # Compiled last: the EMA copies above must not copy compiled blocks.
+    train_net = speed.compile_network(net, 'blocks') if cfg.compile else net
+    ctx.ddp = train_net
+    if ctx.world > 1:
+        ctx.ddp = torch.nn.parallel.DistributedDataParallel(train_net, device_ids=[device] if device.type == 'cuda' else None)
 
 
 def find_latest_state(run_dir: str) -> str | None:

@@ -1,0 +1,100 @@
+"""training/speed.py: regional compilation keeps outputs and state_dict keys; --fast and the device checks."""
+
+import pytest
+import torch
+
+from training import networks, networks_ddpm, networks_edm2, presets, presets_generate, speed
+
+
+def _tiny_edm(**kwargs):
+    torch.manual_seed(0)
+    return networks.EDMPrecond(img_resolution=16, img_channels=3, label_dim=4, model_type='SongUNet',
+                               model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], **kwargs)
+
+
+def test_compile_regions_same_outputs_gradients_and_keys():
+    net, ref = _tiny_edm(), _tiny_edm()
+    keys = list(net.state_dict())
+    names = speed.compile_regions(net, backend='aot_eager')
+    assert names and all(isinstance(net.get_submodule(n), networks.UNetBlock) for n in names)
+    assert list(net.state_dict()) == keys  # no _orig_mod. prefixes: training states stay loadable
+    x, sigma = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 3.0])
+    labels = torch.eye(4)[[1, 3]]
+    out, out_ref = net(x, sigma, labels), ref(x, sigma, labels)
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-5)
+    out.square().sum().backward()
+    out_ref.square().sum().backward()
+    reduction = 2 * 16 * 16  # weight gradients sum over batch x pixels; decompositions reorder those sums
+    scale = max(q.grad.abs().max().item() for q in ref.parameters())
+    bound = reduction * torch.finfo(torch.float32).eps * scale
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=bound)
+
+
+@pytest.mark.parametrize('build, block_type', [
+    (lambda: networks_edm2.Precond(img_resolution=8, img_channels=4, label_dim=0, model_channels=16, channel_mult=[1, 2],
+                                   num_blocks=1, attn_resolutions=[4], channels_per_head=8), networks_edm2.Block),
+    (lambda: networks_ddpm.UNet(in_channels=3, hid_channels=32, out_channels=3, ch_multipliers=(1, 2), num_res_blocks=1,
+                                apply_attn=(False, True), drop_rate=0.0), networks_ddpm.ResidualBlock),
+])
+def test_compile_regions_finds_the_blocks_of_each_backbone(build, block_type):
+    net = build()
+    names = speed.compile_regions(net, backend='eager')
+    assert any(isinstance(net.get_submodule(n), block_type) for n in names)
+    assert not any(a != b and b.startswith(a + '.') for a in names for b in names)  # no block inside a compiled one
+
+
+def test_compile_network_rejects_unknown_mode():
+    with pytest.raises(ValueError, match='compile mode'):
+        speed.compile_network(_tiny_edm(), 'everything')
+
+
+def test_group_norm_keeps_reduced_precision_under_autocast():
+    norm = networks.GroupNorm(num_channels=32)
+    x = torch.randn(2, 32, 4, 4).to(torch.bfloat16)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.bfloat16
+    expected = torch.nn.functional.group_norm(x.float(), norm.num_groups, eps=norm.eps)
+    torch.testing.assert_close(y.float(), expected, rtol=0, atol=2 ** -7 * expected.abs().max().item() * 2)
+    assert norm(torch.randn(2, 32, 4, 4)).dtype == torch.float32
+
+
+def test_fast_fills_only_what_was_not_given():
+    cfg = presets.build_config('edm-cifar10-32x32-cond-vp', fast=True)
+    assert (cfg.bf16, cfg.fp16, cfg.compile) == (True, False, True)
+    cfg = presets.build_config('edm-cifar10-32x32-cond-vp', fast=True, fp16=True)  # the reference path, compiled
+    assert (cfg.bf16, cfg.fp16, cfg.compile) == (False, True, True)
+    cfg = presets.build_config('edm-cifar10-32x32-cond-vp', fast=True, compile=False)
+    assert (cfg.bf16, cfg.compile) == (True, False)
+    gen = presets_generate.build_config(net='x.pkl', outdir='out', fast=True)
+    assert (gen.precision, gen.compile) == ('bf16', True)
+
+
+def test_fast_turns_nothing_on_off_cuda(capsys):
+    cfg = speed.resolve_switches(presets.build_config('edm-cifar10-32x32-cond-vp', fast=True), torch.device('cpu'))
+    assert (cfg.bf16, cfg.compile) == (False, False)
+    assert capsys.readouterr().err.count('\n') == 1  # one line
+
+
+def test_device_checks_stop_explicit_flags_and_drop_fast_ones(monkeypatch, capsys):
+    monkeypatch.setattr(speed, 'bf16_missing', lambda device: 'GPU X has no native bf16')
+    monkeypatch.setattr(speed, 'compiler_missing', lambda device_type: 'torch.compile needs Triton')
+    cuda = torch.device('cuda')
+    with pytest.raises(ValueError, match=r'^--bf16=1: GPU X has no native bf16\. Drop --bf16=1'):
+        speed.usable_switches(cuda, fast=False, bf16=True, compile=False, bf16_flag='--bf16=1')
+    with pytest.raises(ValueError, match=r'^--compile: torch.compile needs Triton'):
+        speed.usable_switches(cuda, fast=False, bf16=False, compile=True, bf16_flag='--bf16=1')
+    assert speed.usable_switches(cuda, fast=True, bf16=True, compile=True, bf16_flag='--bf16=1') == (False, False)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith('Warning: ') for line in err)
+
+
+def test_compiler_check_names_what_is_missing(monkeypatch):
+    monkeypatch.setattr(speed.shutil, 'which', lambda name: None)
+    speed.compiler_missing.cache_clear()
+    try:
+        assert 'C++ compiler' in speed.compiler_missing('cpu')
+    finally:
+        speed.compiler_missing.cache_clear()
+    assert speed.compiler_missing('xla') is not None
