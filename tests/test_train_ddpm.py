@@ -13,6 +13,8 @@ import torch
 from click.testing import CliRunner
 
 import train as train_script
+from tests.conftest import free_port
+from torch_utils import distributed as dist
 from training import ddpm
 from training import networks_ddpm
 from training import training_loop as tl
@@ -193,6 +195,31 @@ def test_gradient_accumulation_equals_the_full_batch(data, tmp_path, monkeypatch
     train(tmp_path / 'accum', batch_gpu=4, **common)  # 4 rounds of 4
     assert len(grads) == 2
     assert_ddpm_gradients_match(grads[1], grads[0], batch_size=16, resolution=8)
+
+
+def _ddp_worker(rank, port, run_dir, data):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE='2')
+    torch.set_num_threads(1)
+    fixed_draws(lambda obj, name, value: setattr(obj, name, value))
+    grads = []
+    record_gradients(lambda obj, name, value: setattr(obj, name, value), grads)
+    dist.init(torch.device('cpu'))
+    train(run_dir, data=data, total_nimg=16, batch_size=16, grad_norm=0)  # batch-gpu 8 per rank
+    torch.save(grads[0], os.path.join(run_dir, f'grads-rank{rank}.pt'))
+    dist.shutdown()
+
+
+def test_two_process_gloo_equals_one_process(data, tmp_path, monkeypatch):
+    torch.multiprocessing.spawn(_ddp_worker, args=(free_port(), str(tmp_path / 'ddp'), data), nprocs=2, join=True)
+    fixed_draws(monkeypatch.setattr)
+    grads = []
+    record_gradients(monkeypatch.setattr, grads)
+    train(tmp_path / 'single', data=data, total_nimg=16, batch_size=16, grad_norm=0)
+    assert state(tmp_path / 'ddp')['cur_nimg'] == 16
+    for rank in range(2):  # the all-reduced gradient of the first step, on both ranks
+        ddp_grads = torch.load(tmp_path / 'ddp' / f'grads-rank{rank}.pt')
+        assert_ddpm_gradients_match(ddp_grads, grads[0], batch_size=16, resolution=8)
 
 
 #----------------------------------------------------------------------------
