@@ -140,12 +140,38 @@ def test_trains_and_snapshot_is_a_published_layout_checkpoint(data, tmp_path):
 
 
 def test_resume_is_exact(data, tmp_path):
-    common = dict(data=data, model_var_type='learned', lr_warmup_steps=2)
+    # Dropout on: its masks come from the per-step stream too, so they must continue across the resume.
+    common = dict(data=data, model_var_type='learned', lr_warmup_steps=2, dropout=0.1)
     train(tmp_path / 'full', total_nimg=128, **common)
     train(tmp_path / 'split', total_nimg=64, **common)
     result = train(tmp_path / 'split', total_nimg=128, **common)
     assert result.cur_nimg == 128
     assert_same(state(tmp_path / 'full'), state(tmp_path / 'split'))
+
+
+def test_rng_stream_is_a_function_of_seed_rank_and_images_seen(data, tmp_path, monkeypatch):
+    # The documented stream (docs/ddpm.md, "Random numbers"): before the optimizer step at cur_nimg the
+    # global generator is reseeded with step_seed(seed, rank, cur_nimg); each round then draws t, then noise.
+    drawn = []
+    train_losses = ddpm.GaussianDiffusion.train_losses
+    def record(self, denoise_fn, x_0, t, noise):
+        drawn.append((t.clone(), noise.clone()))
+        return train_losses(self, denoise_fn, x_0, t, noise)
+    monkeypatch.setattr(ddpm.GaussianDiffusion, 'train_losses', record)
+    train(tmp_path / 'a', data=data, total_nimg=64, seed=7, dropout=0.1)
+    assert len(drawn) == 2
+    for step, (t, noise) in enumerate(drawn):
+        torch.manual_seed(tl.step_seed(7, 0, 32 * step))
+        assert torch.equal(t, torch.empty(32, dtype=torch.int64).random_(0, 1000))
+        assert torch.equal(noise, torch.empty(32, 3, 8, 8).normal_())
+    first = [d[0] for d in drawn]
+    drawn.clear()
+    train(tmp_path / 'b', data=data, total_nimg=64, seed=7, dropout=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(first, [d[0] for d in drawn]))   # same seed: same draws
+    assert_same(state(tmp_path / 'a'), state(tmp_path / 'b'))                       # and the same run
+    drawn.clear()
+    train(tmp_path / 'c', data=data, total_nimg=64, seed=8, dropout=0.1)
+    assert not torch.equal(first[0], drawn[0][0])                                    # another seed: others
 
 
 def test_first_step_stops_after_one_update_and_saves_nothing(data, tmp_path):
