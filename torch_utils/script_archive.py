@@ -35,8 +35,9 @@ class _ScriptObject:
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
-    """torch._utils._rebuild_tensor_v2 on our flat storage tensor (requires_grad, hooks, metadata dropped)."""
-    return storage.as_strided(tuple(size), tuple(stride), storage_offset).clone()
+    """torch._utils._rebuild_tensor_v2 on our flat storage tensor (requires_grad, hooks, metadata dropped); tensors
+    that share a storage share memory, as with torch.load; as_strided refuses views past the storage's end."""
+    return storage.as_strided(tuple(size), tuple(stride), storage_offset)
 
 
 def _identity(value, *unused):

@@ -431,14 +431,14 @@ class VGG16(torch.nn.Module):
         self.layers.fc3 = torch.nn.Linear(fc_features, num_classes)
         for stage, width in enumerate(widths):  # LPIPS weights: kept for the layout, unused by the features.
             setattr(self, f'lpips{stage}', torch.nn.Parameter(torch.ones(width, 1, 1)))
-        self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer('std', torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1) * 255, persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 255] RGB [N, 3, H, W] -> fc2 features after ReLU [N, fc_features]: TF1 bilinear resize, ImageNet
         normalisation, 13 conv + ReLU in five max-pooled stages, fc1 + ReLU, fc2 + ReLU (eval mode, no dropout)."""
         x = tf1_bilinear_resize(images.to(torch.float32), self.resolution, self.resolution)
-        x = (x - self.mean) / self.std
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).reshape(1, 3, 1, 1) * 255
+        std = torch.tensor(IMAGENET_STD, device=x.device).reshape(1, 3, 1, 1) * 255
+        x = (x - mean) / std
         index = 1
         for count in VGG16_STAGES:
             for _ in range(count):
@@ -461,8 +461,9 @@ class VGG16(torch.nn.Module):
         widths = tuple(int(state_dict[convs[end - 1]].shape[0]) for end in ends)
         fc1 = state_dict['layers.fc1.weight']
         side = math.isqrt(fc1.shape[1] // widths[-1]) if fc1.ndim == 2 else 0
-        net = cls(widths=widths, fc_features=int(fc1.shape[0]), num_classes=int(state_dict['layers.fc3.weight'].shape[0]),
-                  resolution=side * 2 ** len(VGG16_STAGES))
+        with torch.device('meta'):  # no random init of 138M parameters that are overwritten next
+            net = cls(widths=widths, fc_features=int(fc1.shape[0]), num_classes=int(state_dict['layers.fc3.weight'].shape[0]),
+                      resolution=side * 2 ** len(VGG16_STAGES))
         own = net.state_dict()
         loaded = {}
         for key, value in own.items():
@@ -474,8 +475,8 @@ class VGG16(torch.nn.Module):
             if tuple(given.shape) != tuple(value.shape):
                 raise ValueError(f'not the VGG-16 layout of vgg16.pt: {key} has shape {tuple(given.shape)}, '
                                  f'expected {tuple(value.shape)}')
-            loaded[key] = given.to(value.dtype)
-        net.load_state_dict(loaded)
+            loaded[key] = given.to(device='cpu', dtype=value.dtype)
+        net.load_state_dict(loaded, assign=True)
         return net
 
 def _first_keys(keys: list, count: int = 3) -> str:
