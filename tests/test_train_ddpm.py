@@ -1,5 +1,6 @@
 """The DDPM recipe in the shared training loop (training/recipe_ddpm.py): every mean/var/loss combination
-trains, resume is exact, gradient accumulation equals the full batch, --first-step, --epochs, snapshots in the
+trains, resume is exact, the RNG stream is the documented one, gradient accumulation and 2-process DDP give
+the full batch's gradients, --first-step, --epochs, snapshots in the
 published ddpm-torch layout, and one-line errors for options of the wrong recipe."""
 
 import json
