@@ -74,7 +74,7 @@ def _add_common_options(fn, metrics_default: str):
         click.option('--dinov2', help=f'DINOv2 ViT-L/14 weights (.pth) [default: ${DINOV2_ENV}, torch hub cache]', metavar='PATH|URL', type=str, default=None),
         click.option('--device', help='Compute device', metavar='auto|cuda|cpu|mps', type=str, default='auto', show_default=True),
         click.option('--pr-detector', help='Features of precision/recall: inception, or vgg16 (StyleGAN2-ADA, ddpm-torch)', metavar='NAME', type=click.Choice(PR_DETECTORS), default='inception', show_default=True),
-        click.option('--vgg16', help=f'NVIDIA vgg16.pt for --pr-detector=vgg16 [default: ${VGG16_ENV}, torch hub dir, caches]', metavar='PATH|URL', type=str, default=None),
+        click.option('--vgg16', help=f'NVIDIA vgg16.pt (or a state_dict in its layout) for --pr-detector=vgg16 [default: ${VGG16_ENV}, torch hub dir, caches]', metavar='PATH|URL', type=str, default=None),
     ]
     for option in reversed(options):
         fn = option(fn)

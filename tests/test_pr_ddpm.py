@@ -2,7 +2,6 @@
 distances that reproduce its numbers exactly, and the row/column blocks of its distance matrices."""
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 import fid
+from tests.test_detector_vgg16 import NARROW, narrow_vgg16_archive
 from training import detectors, metrics
 
 FIXTURE = Path(__file__).parent / 'fixtures' / 'ddpm' / 'precision_recall.pt'
@@ -140,25 +140,12 @@ def test_cli_pr_options_without_pr_are_one_line_errors(tmp_path, pixel_detector)
         assert 'Traceback' not in result.output
 
 #----------------------------------------------------------------------------
-# --pr-detector=vgg16 with a TorchScript stand-in for NVIDIA's vgg16.pt (same call signature).
-
-class TinyVGG(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(48, 4096)
-
-    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        if img.dtype != torch.uint8 or not return_features:
-            raise RuntimeError('expects uint8 images and return_features=True')
-        return self.proj(img.to(torch.float32).flatten(1) / 255)
+# --pr-detector=vgg16 with a random-weight VGG-16 of tiny widths in vgg16.pt's layout (tests/test_detector_vgg16.py).
 
 @pytest.fixture
 def tiny_vgg(tmp_path):
-    torch.manual_seed(0)
     path = tmp_path / 'vgg16.pt'
-    with warnings.catch_warnings(): # torch.jit.script is deprecated; NVIDIA's vgg16.pt is TorchScript all the same
-        warnings.simplefilter('ignore', DeprecationWarning)
-        torch.jit.script(TinyVGG()).save(str(path))
+    narrow_vgg16_archive(path)
     return path
 
 def test_cli_vgg16_pr_detector(tmp_path, tiny_vgg):
@@ -168,7 +155,7 @@ def test_cli_vgg16_pr_detector(tmp_path, tiny_vgg):
     result = run_fid('ref', '--data', real, '--dest', ref, '--metrics', 'pr', '--pr-detector', 'vgg16', '--vgg16', tiny_vgg, '--workers', 0)
     assert result.exit_code == 0, result.output
     real_feats = torch.from_numpy(metrics.load_stats(str(ref))['pr']['features']).float()
-    assert real_feats.shape == (24, 4096)
+    assert real_feats.shape == (24, NARROW['fc_features'])
     log = tmp_path / 'm.jsonl'
     result = run_fid('calc', '--images', fake, '--ref', ref, '--num', 24, '--workers', 0, '--pr-detector', 'vgg16',
                      '--vgg16', tiny_vgg, '--pr-dtype', 'float16', '--metrics-file', log)
@@ -202,3 +189,13 @@ def test_cli_vgg16_without_pr_is_one_line_error(tmp_path, tiny_vgg):
                      '--pr-detector', 'vgg16', '--vgg16', tiny_vgg)
     errors = [line for line in result.output.splitlines() if 'Error' in line]
     assert result.exit_code != 0 and len(errors) == 1 and '--pr-detector=vgg16 was given' in errors[0], result.output
+
+def test_cli_bad_vgg16_file_is_one_line_error(tmp_path):
+    images = write_images(tmp_path / 'images', 4, seed=0, scale=40)
+    bad = tmp_path / 'vgg16.pt'
+    bad.write_bytes(b'<html>proxy login page</html>')
+    result = run_fid('ref', '--data', images, '--dest', tmp_path / 'r.pkl', '--metrics', 'pr', '--pr-detector', 'vgg16',
+                     '--vgg16', bad, '--workers', 0)
+    errors = [line for line in result.output.splitlines() if 'Error' in line]
+    assert result.exit_code != 0 and len(errors) == 1 and 'cannot load the VGG-16 detector' in errors[0], result.output
+    assert 'Traceback' not in result.output and not (tmp_path / 'r.pkl').exists()

@@ -1,5 +1,6 @@
 """The DDPM recipe in the shared training loop (training/recipe_ddpm.py): every mean/var/loss combination
-trains, resume is exact, gradient accumulation equals the full batch, --first-step, --epochs, snapshots in the
+trains, resume is exact, the RNG stream is the documented one, gradient accumulation and 2-process DDP give
+the full batch's gradients, --first-step, --epochs, snapshots in the
 published ddpm-torch layout, and one-line errors for options of the wrong recipe."""
 
 import json
@@ -13,7 +14,10 @@ import torch
 from click.testing import CliRunner
 
 import train as train_script
+from tests.conftest import free_port
+from torch_utils import distributed as dist
 from training import ddpm
+from training import networks_ddpm
 from training import training_loop as tl
 from training.networks_ddpm import UNet, load_checkpoint
 from training.presets import build_config
@@ -40,6 +44,7 @@ def train(run_dir, **overrides):
 
 
 # The training-state helpers of the EDM/EDM2 loop tests serve here too.
+from tests.test_train import assert_gradients_match, record_gradients  # noqa: E402
 from tests.test_train import assert_states_equal as assert_same, load_state as state  # noqa: E402
 
 #----------------------------------------------------------------------------
@@ -136,12 +141,38 @@ def test_trains_and_snapshot_is_a_published_layout_checkpoint(data, tmp_path):
 
 
 def test_resume_is_exact(data, tmp_path):
-    common = dict(data=data, model_var_type='learned', lr_warmup_steps=2)
+    # Dropout on: its masks come from the per-step stream too, so they must continue across the resume.
+    common = dict(data=data, model_var_type='learned', lr_warmup_steps=2, dropout=0.1)
     train(tmp_path / 'full', total_nimg=128, **common)
     train(tmp_path / 'split', total_nimg=64, **common)
     result = train(tmp_path / 'split', total_nimg=128, **common)
     assert result.cur_nimg == 128
     assert_same(state(tmp_path / 'full'), state(tmp_path / 'split'))
+
+
+def test_rng_stream_is_a_function_of_seed_rank_and_images_seen(data, tmp_path, monkeypatch):
+    # The documented stream (docs/ddpm.md, "Random numbers"): before the optimizer step at cur_nimg the
+    # global generator is reseeded with step_seed(seed, rank, cur_nimg); each round then draws t, then noise.
+    drawn = []
+    train_losses = ddpm.GaussianDiffusion.train_losses
+    def record(self, denoise_fn, x_0, t, noise):
+        drawn.append((t.clone(), noise.clone()))
+        return train_losses(self, denoise_fn, x_0, t, noise)
+    monkeypatch.setattr(ddpm.GaussianDiffusion, 'train_losses', record)
+    train(tmp_path / 'a', data=data, total_nimg=64, seed=7, dropout=0.1)
+    assert len(drawn) == 2
+    for step, (t, noise) in enumerate(drawn):
+        torch.manual_seed(tl.step_seed(7, 0, 32 * step))
+        assert torch.equal(t, torch.empty(32, dtype=torch.int64).random_(0, 1000))
+        assert torch.equal(noise, torch.empty(32, 3, 8, 8).normal_())
+    first = [d[0] for d in drawn]
+    drawn.clear()
+    train(tmp_path / 'b', data=data, total_nimg=64, seed=7, dropout=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(first, [d[0] for d in drawn]))   # same seed: same draws
+    assert_same(state(tmp_path / 'a'), state(tmp_path / 'b'))                       # and the same run
+    drawn.clear()
+    train(tmp_path / 'c', data=data, total_nimg=64, seed=8, dropout=0.1)
+    assert not torch.equal(first[0], drawn[0][0])                                    # another seed: others
 
 
 def test_first_step_stops_after_one_update_and_saves_nothing(data, tmp_path):
@@ -155,14 +186,67 @@ def test_epochs_set_the_duration_from_the_dataset(data, tmp_path):
     assert result.cur_nimg == 48
 
 
+def fixed_draws(patch):
+    """t and noise as a fixed function of each image, so how the batch is split (rounds, ranks) does not matter;
+    and unit-gain init of the layers the reference starts near zero (gain 1e-10), so every layer's gradient counts."""
+    patch(DDPMLoss, '__call__', lambda self, net, images, labels=None, augment_pipe=None:
+          self.diffusion.train_losses(net, images, (images[:, 0, 0, 0] * 400 + 500).long(), torch.sin(images * 53.0 + 1.0)))
+    init = networks_ddpm._init
+    patch(networks_ddpm, '_init', lambda module, scale=1.0: init(module))
+
+
+def assert_ddpm_gradients_match(ours, full, batch_size, resolution):
+    """test_train's n * eps bound per tensor, except for gradients that are zero in exact arithmetic.
+
+    A GroupNorm with one channel per group removes whatever is added per channel before it (a conv bias, the
+    time embedding), so those gradients hold only the rounding residue of the sums feeding them (here ~1e-9
+    against ~1e-2). Such a residue does not scale with its own size: it is bounded by the largest gradient.
+    """
+    tol = batch_size * resolution ** 2 * torch.finfo(torch.float32).eps
+    largest = max(g.abs().max().item() for g in full)
+    residue = {i for i, g in enumerate(full) if g.abs().max().item() <= tol * largest}
+    assert len(residue) < len(full) // 4, 'most gradients vanish: the test would not check anything'
+    kept = [i for i in range(len(full)) if i not in residue]
+    assert_gradients_match([ours[i] for i in kept], [full[i] for i in kept], batch_size, resolution)
+    for i in residue:
+        diff = (ours[i] - full[i]).abs().max().item()
+        assert diff <= tol * largest, f'parameter {i}: max abs difference {diff:.3g} > {tol:.3g} x largest |grad| {largest:.3g}'
+
+
 def test_gradient_accumulation_equals_the_full_batch(data, tmp_path, monkeypatch):
-    # t and noise as a fixed function of each image, so how the batch is split does not matter.
-    monkeypatch.setattr(DDPMLoss, '__call__', lambda self, net, images, labels=None, augment_pipe=None:
-                        self.diffusion.train_losses(net, images, (images[:, 0, 0, 0] * 400 + 500).long(),
-                                                    torch.sin(images * 53.0 + 1.0)))
-    train(tmp_path / 'full', data=data, total_nimg=64, batch_size=16)
-    train(tmp_path / 'accum', data=data, total_nimg=64, batch_size=16, batch_gpu=4)
-    assert_same(state(tmp_path / 'full'), state(tmp_path / 'accum'), atol=1e-4)
+    fixed_draws(monkeypatch.setattr)
+    grads = []
+    record_gradients(monkeypatch.setattr, grads)
+    common = dict(data=data, total_nimg=16, batch_size=16, grad_norm=0)  # unclipped: clipping would hide a scale error
+    train(tmp_path / 'full', **common)
+    train(tmp_path / 'accum', batch_gpu=4, **common)  # 4 rounds of 4
+    assert len(grads) == 2
+    assert_ddpm_gradients_match(grads[1], grads[0], batch_size=16, resolution=8)
+
+
+def _ddp_worker(rank, port, run_dir, data):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE='2')
+    torch.set_num_threads(1)
+    fixed_draws(lambda obj, name, value: setattr(obj, name, value))
+    grads = []
+    record_gradients(lambda obj, name, value: setattr(obj, name, value), grads)
+    dist.init(torch.device('cpu'))
+    train(run_dir, data=data, total_nimg=16, batch_size=16, grad_norm=0)  # batch-gpu 8 per rank
+    torch.save(grads[0], os.path.join(run_dir, f'grads-rank{rank}.pt'))
+    dist.shutdown()
+
+
+def test_two_process_gloo_equals_one_process(data, tmp_path, monkeypatch):
+    torch.multiprocessing.spawn(_ddp_worker, args=(free_port(), str(tmp_path / 'ddp'), data), nprocs=2, join=True)
+    fixed_draws(monkeypatch.setattr)
+    grads = []
+    record_gradients(monkeypatch.setattr, grads)
+    train(tmp_path / 'single', data=data, total_nimg=16, batch_size=16, grad_norm=0)
+    assert state(tmp_path / 'ddp')['cur_nimg'] == 16
+    for rank in range(2):  # the all-reduced gradient of the first step, on both ranks
+        ddp_grads = torch.load(tmp_path / 'ddp' / f'grads-rank{rank}.pt')
+        assert_ddpm_gradients_match(ddp_grads, grads[0], batch_size=16, resolution=8)
 
 
 #----------------------------------------------------------------------------

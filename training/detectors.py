@@ -403,34 +403,127 @@ def find_vgg16(path: str | None = None, allow_download: bool = True) -> str:
     caches, and last a download of NVIDIA's file."""
     return find_weights(path, VGG16_ENV, '--vgg16', vgg16_candidates(), VGG16_URL, vgg16_missing_message, allow_download)
 
-class VGG16Detector(Detector):
-    """4096-d VGG-16 features of NVIDIA's TorchScript vgg16.pt, the precision/recall detector of
-    Kynkaanniemi et al. 2019 as StyleGAN2-ADA and tqch/ddpm-torch run it: uint8 images go in unchanged
-    (the TorchScript module resizes and normalises them itself), `return_features=True`."""
+VGG16_STAGES = (2, 2, 3, 3, 3)                        # Convolutions per stage; a 2x2 max-pool ends each.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)                  # RGB mean and std of the ImageNet-normalised input, in
+IMAGENET_STD = (0.229, 0.224, 0.225)                   # [0, 1] units (torchvision / LPIPS convention).
+
+class VGG16(torch.nn.Module):
+    """VGG-16 (Simonyan & Zisserman 2015, configuration D) as NVIDIA's vgg16.pt (StyleGAN2-ADA metrics) holds it:
+    state_dict keys layers.conv1..conv13, layers.fc1..fc3 and the LPIPS channel weights lpips0..lpips4."""
 
     def __init__(self,
-        path:           str | None = None,  # vgg16.pt; None = find_vgg16() lookup order.
-        allow_download: bool = True,        # May the last lookup step download NVIDIA's file?
+        widths:      tuple = (64, 128, 256, 512, 512),  # Output channels of the five conv stages.
+        fc_features: int   = 4096,                      # Width of fc1 and fc2 (fc2 after ReLU is the P/R feature).
+        num_classes: int   = 1000,                      # fc3 outputs (ImageNet logits; unused for features).
+        resolution:  int   = 224,                       # Side the input is resized to; fc1 sees widths[-1] x (side/32)^2.
     ):
-        super().__init__(name='vgg16', feature_dim=4096)
-        self.path = find_vgg16(path, allow_download=allow_download)
-        try:
-            with warnings.catch_warnings(): # torch.jit.load is deprecated in favour of torch.export
-                warnings.simplefilter('ignore', DeprecationWarning)
-                self.model = torch.jit.load(self.path, map_location='cpu').eval()
-        except (RuntimeError, OSError, ValueError) as err:
-            raise dnnlib.util.UserError(f'{self.path}: cannot load the VGG-16 detector ({err}). ' + vgg16_missing_message()) from None
-        for param in self.model.parameters():
-            param.requires_grad_(False)
+        super().__init__()
+        self.resolution = resolution
+        self.layers = torch.nn.Module()
+        in_channels, index = 3, 1
+        for stage, width in enumerate(widths):
+            for _ in range(VGG16_STAGES[stage]):
+                setattr(self.layers, f'conv{index}', torch.nn.Conv2d(in_channels, width, 3, padding=1))
+                in_channels, index = width, index + 1
+        side = resolution // 2 ** len(widths)
+        self.layers.fc1 = torch.nn.Linear(widths[-1] * side * side, fc_features)
+        self.layers.fc2 = torch.nn.Linear(fc_features, fc_features)
+        self.layers.fc3 = torch.nn.Linear(fc_features, num_classes)
+        for stage, width in enumerate(widths):  # LPIPS weights: kept for the layout, unused by the features.
+            setattr(self, f'lpips{stage}', torch.nn.Parameter(torch.ones(width, 1, 1)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 255] RGB [N, 3, H, W] -> fc2 features after ReLU [N, fc_features]: TF1 bilinear resize, ImageNet
+        normalisation, 13 conv + ReLU in five max-pooled stages, fc1 + ReLU, fc2 + ReLU (eval mode, no dropout)."""
+        x = tf1_bilinear_resize(images.to(torch.float32), self.resolution, self.resolution)
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).reshape(1, 3, 1, 1) * 255
+        std = torch.tensor(IMAGENET_STD, device=x.device).reshape(1, 3, 1, 1) * 255
+        x = (x - mean) / std
+        index = 1
+        for count in VGG16_STAGES:
+            for _ in range(count):
+                x = F.relu(getattr(self.layers, f'conv{index}')(x))
+                index += 1
+            x = F.max_pool2d(x, 2)
+        x = F.relu(self.layers.fc1(x.flatten(1)))
+        return F.relu(self.layers.fc2(x))
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict) -> VGG16:
+        """Build the network whose widths are read off a state_dict in the vgg16.pt layout, then load it."""
+        convs = [f'layers.conv{i}.weight' for i in range(1, sum(VGG16_STAGES) + 1)]
+        needed = convs + [f'layers.fc{i}.weight' for i in (1, 2, 3)]
+        missing = [key for key in needed if key not in state_dict]
+        if missing:
+            raise ValueError(f'not the VGG-16 layout of vgg16.pt: missing {_first_keys(missing)} '
+                             f'(found {_first_keys(sorted(state_dict))})')
+        ends = [sum(VGG16_STAGES[:stage + 1]) for stage in range(len(VGG16_STAGES))]
+        widths = tuple(int(state_dict[convs[end - 1]].shape[0]) for end in ends)
+        fc1 = state_dict['layers.fc1.weight']
+        side = math.isqrt(fc1.shape[1] // widths[-1]) if fc1.ndim == 2 else 0
+        with torch.device('meta'):  # no random init of 138M parameters that are overwritten next
+            net = cls(widths=widths, fc_features=int(fc1.shape[0]), num_classes=int(state_dict['layers.fc3.weight'].shape[0]),
+                      resolution=side * 2 ** len(VGG16_STAGES))
+        own = net.state_dict()
+        loaded = {}
+        for key, value in own.items():
+            if key not in state_dict:
+                raise ValueError(f'not the VGG-16 layout of vgg16.pt: missing {key}')
+            given = state_dict[key]
+            if key.startswith('lpips') and given.numel() == value.numel():
+                given = given.reshape(value.shape)  # only their channel count is fixed by the layout
+            if tuple(given.shape) != tuple(value.shape):
+                raise ValueError(f'not the VGG-16 layout of vgg16.pt: {key} has shape {tuple(given.shape)}, '
+                                 f'expected {tuple(value.shape)}')
+            loaded[key] = given.to(device='cpu', dtype=value.dtype)
+        net.load_state_dict(loaded, assign=True)
+        return net
+
+def _first_keys(keys: list, count: int = 3) -> str:
+    return ', '.join(keys[:count]) + (f' and {len(keys) - count} more' if len(keys) > count else '') if keys else 'no tensors'
+
+def read_vgg16_weights(path: str) -> dict:
+    """Tensors of vgg16.pt (a TorchScript archive, read without running its code) or of a state_dict file
+    in the same layout (torch.load with weights_only=True). ValueError says why a file is unusable."""
+    from torch_utils import script_archive
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            scripted = any('/code/' in name or name.endswith('/constants.pkl') for name in archive.namelist())
+        if scripted:
+            return script_archive.read_tensors(path)
+    try:
+        state_dict = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err: # torch raises several types for a bad file
+        raise ValueError(f'neither a TorchScript archive nor a state_dict ({type(err).__name__}: {dnnlib.util.text_line(err)})') from None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f'a {type(state_dict).__name__}, not a state_dict of tensors')
+    return state_dict
+
+class VGG16Detector(Detector):
+    """4096-d VGG-16 features (fc2 after ReLU) of NVIDIA's vgg16.pt, the precision/recall detector of
+    Kynkaanniemi et al. 2019 as StyleGAN2-ADA and tqch/ddpm-torch call it (`return_features=True` on uint8
+    images), rebuilt in plain torch: the weights are read from the file, its TorchScript code never runs."""
+
+    def __init__(self,
+        path:           str | None   = None,  # vgg16.pt or a state_dict in its layout; None = find_vgg16() lookup order.
+        model:          VGG16 | None = None,  # Ready network (tests); overrides `path`.
+        allow_download: bool         = True,  # May the last lookup step download NVIDIA's file?
+    ):
+        self.path = None
+        if model is None:
+            self.path = find_vgg16(path, allow_download=allow_download)
+            try:
+                model = VGG16.from_state_dict(read_vgg16_weights(self.path))
+            except ValueError as err:
+                raise dnnlib.util.UserError(f'{self.path}: cannot load the VGG-16 detector ({dnnlib.util.text_line(err)}). '
+                                            + vgg16_missing_message()) from None
+        super().__init__(name='vgg16', feature_dim=model.layers.fc2.out_features)
+        self.model = model.eval().requires_grad_(False)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, H, W] -> [N, 4096]."""
         _check_images(images)
-        features = self.model.to(images.device)(images, return_features=True).to(torch.float32)
-        if features.ndim != 2 or features.shape[1] != self.feature_dim:
-            raise ValueError(f'{self.path} gave features of shape {tuple(features.shape)}, expected [N, {self.feature_dim}]; '
-                             f'is it the VGG-16 of {VGG16_URL}?')
-        return features
+        return self.model.to(images.device)(images)
 
 #----------------------------------------------------------------------------
