@@ -15,6 +15,7 @@ from click.testing import CliRunner
 import generate as generate_script
 import train as train_script
 from tests.conftest import free_port
+from tests.test_train import assert_states_equal as assert_same, load_state
 from training import detectors, metrics
 from training import training_loop as tl
 from training.eval_ddpm import REF_FILE, fid_of_network
@@ -97,6 +98,19 @@ def test_chkpt_intv_default_is_the_reference_120_epochs():
     cfg = dry_run_config(['--preset=ddpm-cifar10-32x32', '--snapshot=1M'])   # images replace the preset's epochs
     assert cfg['chkpt_intv'] is None and cfg['snapshot_nimg'] == 10**6 and cfg['checkpoint_nimg'] == 120 * 390 * 128
     assert dry_run_config(['--preset=ddpm-celeba-64x64', '--chkpt-intv=10'])['chkpt_intv'] == 10
+
+
+def test_cli_takes_the_eval_and_block_options():
+    cfg = dry_run_config(['--preset=ddpm-celeba-64x64', '--eval', '--eval-total-size=10000', '--eval-batch-size=500',
+                          '--eval-ref=refs/celeba.npz', '--use-ddim', '--skip-schedule=quadratic', '--subseq-size=100',
+                          '--block-size=2', '--transfer=ddpm_celeba.pt'])
+    expected = dict(eval=True, eval_total_size=10000, eval_batch_size=500, eval_ref='refs/celeba.npz', use_ddim=True,
+                    skip_schedule='quadratic', subseq_size=100, block_size=2, transfer='ddpm_celeba.pt')
+    assert {k: cfg[k] for k in expected} == expected
+    defaults = dry_run_config(['--preset=ddpm-celeba-64x64'])   # ddpm-torch train.py's defaults
+    assert (defaults['eval'], defaults['eval_total_size'], defaults['eval_batch_size'], defaults['use_ddim'],
+            defaults['skip_schedule'], defaults['subseq_size'], defaults['block_size']) == \
+           (False, 50000, 256, False, 'linear', 50, 1)
 
 
 @pytest.mark.parametrize('args,message', [
@@ -249,6 +263,9 @@ def test_eval_logs_the_fid_of_the_ema_at_every_snapshot(data, tmp_path, stand_in
     net = load_ddpm_network(str(tmp_path / 'network-snapshot-000000.pt'), use_ema=True)
     fid = fid_of_network(net, ref, {'inception': ProjectionDetector()}, 12, 5, torch.device('cpu'))  # the loop's batch
     assert fid == checkpoint['fid'] and fid > 0
+    # Evaluating changes nothing of the training.
+    train(tmp_path / 'no-eval', total_nimg=96, chkpt_intv=2, **dict(common, eval=False))
+    assert_same(load_state(tmp_path), load_state(tmp_path / 'no-eval'), atol=0)
     # A rerun with a longer duration reads the cached statistics.
     train(tmp_path, total_nimg=128, chkpt_intv=2, status_nimg=16, **common)
     assert f'FID reference statistics (--eval): {tmp_path / REF_FILE}' in (tmp_path / 'log.txt').read_text()

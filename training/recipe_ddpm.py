@@ -179,6 +179,7 @@ class DDPMRecipe(EDMRecipe):
         return True
 
     def load_transfer(self, ctx) -> str:
+        """--transfer: a DDPM checkpoint's EMA (else raw) weights, read safely (networks_ddpm.load_transfer)."""
         from training.networks_ddpm import load_transfer
         return load_transfer(ctx.net, self.cfg.transfer)
 

@@ -86,7 +86,6 @@ class Recipe:
 
     def load_transfer(self, ctx) -> str:
         """--transfer: copy weights of another network into ctx.net (the loop then resets the EMA); returns what was read."""
-        from torch_utils import misc
         data = persistence.load_pickle(self.cfg.transfer, trust=self.cfg.trust_pickle)
         src = data['ema'] if isinstance(data, dict) else data
         misc.copy_params_and_buffers(src_module=src, dst_module=ctx.net, require_all=False)
