@@ -1,5 +1,6 @@
 """The DDPM UNet of tqch/ddpm-torch (ddpm_torch/models/unet.py), with its constructor arguments and
-state_dict layout, so its published checkpoints load as they are (Ho et al. 2020, App. B).
+state_dict layout, so its published checkpoints load as they are (Ho et al. 2020, App. B), and the
+ModelWrapper of its train.py (--block-size: pixel unshuffle around the UNet).
 
 Quirks kept: the stride-2 downsampling conv uses TensorFlow "SAME" padding (0 on top/left, 1 on
 bottom/right for even sizes), the sinusoidal embedding divides by half - 1, and the timestep
@@ -10,6 +11,8 @@ import math
 
 import torch
 from torch.nn import functional as F
+
+import dnnlib
 
 
 def get_timestep_embedding(timesteps: torch.Tensor, embed_dim: int) -> torch.Tensor:
@@ -257,7 +260,6 @@ def load_state_dict_checked(net: torch.nn.Module, state_dict: dict, source: str)
 
 def read_checkpoint(path: str, flag: str = '--network') -> dict:
     """A .pt checkpoint (path or URL) as a dict, read safely (weights_only); one-line errors naming `flag`."""
-    import dnnlib
     try:
         local = dnnlib.util.open_url(path, return_filename=True, verbose=False)
         checkpoint = torch.load(local, map_location='cpu', weights_only=True)
