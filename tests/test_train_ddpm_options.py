@@ -4,6 +4,7 @@ every snapshot, with a stand-in detector: the real Inception weights are not nee
 
 import json
 import os
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -269,6 +270,23 @@ def test_eval_logs_the_fid_of_the_ema_at_every_snapshot(data, tmp_path, stand_in
     # A rerun with a longer duration reads the cached statistics.
     train(tmp_path, total_nimg=128, chkpt_intv=2, status_nimg=16, **common)
     assert f'FID reference statistics (--eval): {tmp_path / REF_FILE}' in (tmp_path / 'log.txt').read_text()
+
+
+def test_cli_eval_with_the_inception_detector_class(data, tmp_path, monkeypatch):
+    # The real detector path (no build_detectors stand-in): a tiny TorchScript module in place of Inception-v3.
+    from tests.test_readme_commands import TinyInception
+    detector = tmp_path / 'tiny-inception.pt'
+    with warnings.catch_warnings():   # torch.jit is deprecated, but it is the format of the FID detector file
+        warnings.simplefilter('ignore', DeprecationWarning)
+        torch.jit.save(torch.jit.script(TinyInception().eval()), str(detector))
+    monkeypatch.setenv(detectors.INCEPTION_ENV, str(detector))
+    result = invoke_train(['--preset=tiny-ddpm', f'--data={data}', f'--outdir={tmp_path / "run"}', '--duration=32',
+                           '--snapshot=32', '--checkpoint=32', '--status=32', '--eval', '--eval-total-size=3',
+                           '--timesteps=4'])
+    assert result.exit_code == 0, result.output
+    stats = [json.loads(line) for line in (tmp_path / 'run' / 'stats.jsonl').read_text().splitlines()]
+    assert len(stats) == 1 and np.isfinite(stats[0]['Metrics/fid']['mean'])
+    assert metrics.load_stats(str(tmp_path / 'run' / REF_FILE))['fid']['mu'].shape == (2048,)
 
 
 def test_eval_with_ddim_and_a_reference_file(data, tmp_path, stand_in_detector):
