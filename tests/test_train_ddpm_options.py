@@ -240,6 +240,11 @@ def test_transfer_with_another_layout_names_the_keys(data, source_run, tmp_path)
     result = invoke_train(['--preset=tiny-ddpm', f'--data={data}', f'--outdir={tmp_path / "c"}',
                            f'--transfer={tmp_path / "none.pt"}'])
     assert_one_line_error(result, 'none.pt: no such file')
+    torch.save(dict(model=torch.nn.Linear(2, 2)), tmp_path / 'code.pt')   # unpickling it would run code
+    result = invoke_train(['--preset=tiny-ddpm', f'--data={data}', f'--outdir={tmp_path / "d"}',
+                           f'--transfer={tmp_path / "code.pt"}'])
+    assert_one_line_error(result, 'not a DDPM checkpoint readable without running code (it holds torch.nn.modules.linear.Linear)')
+    assert result.output.strip().splitlines()[-1].startswith('Error: --transfer=')   # the message is one line
 
 #----------------------------------------------------------------------------
 # --eval: FID of the EMA at every snapshot.

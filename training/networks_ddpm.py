@@ -8,6 +8,7 @@ embedding is taken at the base width `hid_channels`.
 """
 
 import math
+import re
 
 import torch
 from torch.nn import functional as F
@@ -268,7 +269,10 @@ def read_checkpoint(path: str, flag: str = '--network') -> dict:
     except dnnlib.util.UserError:
         raise
     except Exception as err:
-        raise ValueError(f'{flag}={path}: not a DDPM checkpoint readable without running code ({err})') from None
+        # torch's weights_only refusal is a page of advice; name the object that would run code instead.
+        refused = re.search(r'Unsupported global: GLOBAL (\S+)', str(err))
+        why = f'it holds {refused.group(1)}' if refused else dnnlib.util.text_line(err)
+        raise ValueError(f'{flag}={path}: not a DDPM checkpoint readable without running code ({why})') from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f'{flag}={path}: expected a dict with "model" (and "ema": {{"shadow"}}), got {type(checkpoint).__name__}')
     return checkpoint
