@@ -76,7 +76,9 @@ def _int_list(value):
 def ddpm_overrides(o: dict) -> dict:
     """Pop the ddpm-torch spellings (--timesteps, ..., --beta1/--beta2, --num-accum) as TrainConfig fields."""
     ov = {field: o.pop(field) for field in ('timesteps', 'beta_schedule', 'beta_start', 'beta_end', 'model_mean_type',
-                                            'model_var_type', 'loss_type', 'ema_decay', 'grad_norm', 'epochs')}
+                                            'model_var_type', 'loss_type', 'ema_decay', 'grad_norm', 'epochs', 'chkpt_intv',
+                                            'block_size', 'eval', 'eval_total_size', 'eval_batch_size', 'eval_ref',
+                                            'use_ddim', 'skip_schedule', 'subseq_size')}
     ov.update(lr_warmup_steps=o.pop('warmup'), first_step=o.pop('first_step') or None)
     beta1, beta2, num_accum = o.pop('beta1'), o.pop('beta2'), o.pop('num_accum')
     preset = presets.PRESETS[o['preset']]
@@ -189,7 +191,7 @@ def _duration(text, preset):
 @click.option('--snap',          help='EDM: snapshot interval', metavar='TICKS', type=click.IntRange(min=1))
 @click.option('--dump',          help='EDM: training-state interval', metavar='TICKS', type=click.IntRange(min=1))
 @click.option('--seed',          help='Random seed', metavar='INT', type=click.IntRange(min=0))
-@click.option('--transfer',      help='Initialise from network pickle', metavar='PKL|URL', type=str)
+@click.option('--transfer',      help='Initialise from network pickle (DDPM: checkpoint .pt)', metavar='PKL|PT|URL', type=str)
 @click.option('--resume',        help='Resume from training-state-*.pt', metavar='PT', type=str)
 @click.option('--trust-pickle',  help='Let training states and --transfer pickles run code stored in them', is_flag=True, default=None)
 @click.option('--allow-option-change', help='Resume even if run-altering options differ from the run folder\'s', is_flag=True)
@@ -207,6 +209,15 @@ def _duration(text, preset):
 @click.option('--grad-norm',     help='DDPM: clip the gradient norm (0 = off)', metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--warmup',        help='DDPM: learning-rate warm-up', metavar='STEPS', type=click.IntRange(min=0))
 @click.option('--epochs',        help='DDPM: training duration in epochs', metavar='INT', type=click.IntRange(min=1))
+@click.option('--chkpt-intv',    help='DDPM: snapshot and training-state interval (instead of --snapshot/--checkpoint)', metavar='EPOCHS', type=click.FloatRange(min=0, min_open=True))
+@click.option('--block-size',    help='DDPM: pixel-unshuffle block around the UNet (1 = none)', metavar='INT', type=click.IntRange(min=1))
+@click.option('--eval',          help='DDPM: FID of the EMA at every snapshot, logged as Metrics/fid', is_flag=True, default=None)
+@click.option('--eval-total-size', help='DDPM --eval: images per evaluation', metavar='INT', type=click.IntRange(min=2))
+@click.option('--eval-batch-size', help='DDPM --eval: sampling batch (all GPUs)', metavar='INT', type=click.IntRange(min=1))
+@click.option('--eval-ref',      help='DDPM --eval: reference statistics (fid.py ref); none = from --data, cached in the run folder', metavar='NPZ|PKL|URL', type=str)
+@click.option('--use-ddim',      help='DDPM --eval: DDIM (eta 0) instead of ancestral sampling', is_flag=True, default=None)
+@click.option('--skip-schedule', help='DDPM --eval, DDIM: timestep subsequence', type=click.Choice(['linear', 'quadratic']))
+@click.option('--subseq-size',   help='DDPM --eval, DDIM: number of timesteps', metavar='INT', type=click.IntRange(min=1))
 @click.option('--num-accum',     help='Gradient accumulation rounds (= --batch-gpu of batch / N)', metavar='INT', type=click.IntRange(min=1))
 @click.option('--beta1',         help='Adam beta1', metavar='FLOAT', type=click.FloatRange(min=0, max=1, max_open=True))
 @click.option('--beta2',         help='Adam beta2', metavar='FLOAT', type=click.FloatRange(min=0, max=1, max_open=True))

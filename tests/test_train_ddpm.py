@@ -287,7 +287,6 @@ def test_ddpm_preset_matches_the_reference_config():
     (['--preset=tiny-edm', '--timesteps=10'], '--timesteps=10: DDPM options need a DDPM preset'),
     (['--preset=edm2-img64-s', '--loss-type=kl'], '--loss-type=kl: DDPM options need a DDPM preset'),
     (['--preset=tiny-ddpm', '--stf'], '--stf: EDM/EDM2 option(s) not used by the DDPM recipe'),
-    (['--preset=tiny-ddpm', '--transfer=ddpm_cifar10.pt'], '--transfer: EDM/EDM2 option(s) not used by the DDPM recipe'),
     (['--preset=tiny-ddpm', '--cbase=48'], '--cbase=48 must be a multiple of 32'),
     (['--preset=tiny-ddpm', '--batch=30', '--num-accum=4'], '--batch=30 is not divisible by --num-accum=4'),
 ])

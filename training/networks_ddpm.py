@@ -1,5 +1,6 @@
 """The DDPM UNet of tqch/ddpm-torch (ddpm_torch/models/unet.py), with its constructor arguments and
-state_dict layout, so its published checkpoints load as they are (Ho et al. 2020, App. B).
+state_dict layout, so its published checkpoints load as they are (Ho et al. 2020, App. B), and the
+ModelWrapper of its train.py (--block-size: pixel unshuffle around the UNet).
 
 Quirks kept: the stride-2 downsampling conv uses TensorFlow "SAME" padding (0 on top/left, 1 on
 bottom/right for even sizes), the sinusoidal embedding divides by half - 1, and the timestep
@@ -7,9 +8,12 @@ embedding is taken at the base width `hid_channels`.
 """
 
 import math
+import re
 
 import torch
 from torch.nn import functional as F
+
+import dnnlib
 
 
 def get_timestep_embedding(timesteps: torch.Tensor, embed_dim: int) -> torch.Tensor:
@@ -178,6 +182,35 @@ class UNet(torch.nn.Module):
                 h = module(torch.cat([h, skips.pop()], dim=1), t_emb) if self._takes_embedding(module) else module(h)
         return self.out_conv(h)
 
+
+class ModelWrapper(torch.nn.Module):
+    """ddpm-torch train.py's ModelWrapper for --block-size > 1: PixelUnshuffle (space-to-depth) before the UNet,
+    PixelShuffle after; the UNet's keys gain the prefix `_model.`, as in the reference's state_dict."""
+
+    def __init__(self,
+        block_size: int,    # Side of the pixel blocks folded into channels.
+        **unet_kwargs,      # UNet arguments, in_channels and out_channels already multiplied by block_size^2.
+    ):
+        super().__init__()
+        area = block_size ** 2
+        if block_size < 1 or unet_kwargs['in_channels'] % area or unet_kwargs['out_channels'] % area:
+            raise ValueError(f'--block-size={block_size}: the UNet channels ({unet_kwargs["in_channels"]} in, '
+                             f'{unet_kwargs["out_channels"]} out) must be multiples of block_size^2 = {area}')
+        self._model = UNet(**unet_kwargs)
+        self.pre_transform = torch.nn.PixelUnshuffle(block_size)
+        self.post_transform = torch.nn.PixelShuffle(block_size)
+        self.block_size = block_size
+        self.in_channels, self.out_channels = unet_kwargs['in_channels'] // area, unet_kwargs['out_channels'] // area
+        self.hid_channels = self._model.hid_channels
+
+    def forward(self, x, t):
+        return self.post_transform(self._model(self.pre_transform(x), t))
+
+
+def build_unet(unet_kwargs: dict, block_size: int = 1) -> torch.nn.Module:
+    """The UNet, wrapped in ModelWrapper when block_size > 1 (ddpm-torch train.py / generate.py)."""
+    return ModelWrapper(block_size, **unet_kwargs) if block_size > 1 else UNet(**unet_kwargs)
+
 #----------------------------------------------------------------------------
 # Checkpoints in the published layout: {'model': state_dict, 'ema': {'shadow': state_dict, ...},
 # 'optimizer': ..., 'epoch': int} (ddpm-torch train.py / generate.py).
@@ -226,26 +259,74 @@ def load_state_dict_checked(net: torch.nn.Module, state_dict: dict, source: str)
     net.load_state_dict(state_dict)
 
 
-def load_checkpoint(path: str, use_ema: bool = True, unet_kwargs: dict | None = None,
-                    device: torch.device | str = 'cpu') -> tuple[UNet, dict]:
-    """UNet from a checkpoint in the published layout, read safely (weights_only); returns (net, checkpoint)."""
+def read_checkpoint(path: str, flag: str = '--network') -> dict:
+    """A .pt checkpoint (path or URL) as a dict, read safely (weights_only); one-line errors naming `flag`."""
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        local = dnnlib.util.open_url(path, return_filename=True, verbose=False)
+        checkpoint = torch.load(local, map_location='cpu', weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f'--network={path}: no such file') from None
+        raise FileNotFoundError(f'{flag}={path}: no such file') from None
+    except dnnlib.util.UserError:
+        raise
     except Exception as err:
-        raise ValueError(f'--network={path}: not a DDPM checkpoint readable without running code ({err})') from None
-    if not isinstance(checkpoint, dict) or 'model' not in checkpoint:
-        keys = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f'--network={path}: expected a dict with "model" (and "ema": {{"shadow"}}), got {keys}')
+        # torch's weights_only refusal is a page of advice; name the object that would run code instead.
+        refused = re.search(r'Unsupported global: GLOBAL (\S+)', str(err))
+        why = f'it holds {refused.group(1)}' if refused else dnnlib.util.text_line(err)
+        raise ValueError(f'{flag}={path}: not a DDPM checkpoint readable without running code ({why})') from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f'{flag}={path}: expected a dict with "model" (and "ema": {{"shadow"}}), got {type(checkpoint).__name__}')
+    return checkpoint
+
+
+def checkpoint_weights(checkpoint: dict, use_ema: bool, source: str) -> dict:
+    """The EMA (ema.shadow) or raw weights (model; net of our training states), without DDP's 'module.' prefix."""
+    raw_key = 'model' if 'model' in checkpoint else 'net' if 'net' in checkpoint else None
+    if raw_key is None:
+        raise ValueError(f'{source}: expected a dict with "model" (and "ema": {{"shadow"}}), got {sorted(map(str, checkpoint))}')
     if use_ema:
         if not isinstance(checkpoint.get('ema'), dict) or 'shadow' not in checkpoint['ema']:
-            raise ValueError(f'--network={path}: has no ema.shadow weights; load the raw model weights instead (no --use-ema)')
+            raise ValueError(f'{source}: has no ema.shadow weights; load the raw model weights instead (no --use-ema)')
         state_dict = checkpoint['ema']['shadow']
     else:
-        state_dict = checkpoint['model']
-    state_dict = strip_ddp_prefix(state_dict)
-    kwargs = dict(unet_kwargs) if unet_kwargs is not None else unet_kwargs_from_state_dict(state_dict)
-    net = UNet(**kwargs)
+        state_dict = checkpoint[raw_key]
+    return strip_ddp_prefix(state_dict)
+
+
+def net_from_state_dict(state_dict: dict, unet_kwargs: dict | None, block_size: int | None, img_channels: int,
+                        source: str) -> torch.nn.Module:
+    """The (wrapped) UNet a state_dict needs: kwargs given (our `config`) or read off the keys; `_model.` keys mean
+    ModelWrapper, whose block size is given or follows from the image channels."""
+    wrapped = any(key.startswith('_model.') for key in state_dict)
+    if unet_kwargs is not None:
+        return build_unet(dict(unet_kwargs), block_size or 1)
+    inner = {key[len('_model.'):]: value for key, value in state_dict.items() if key.startswith('_model.')} if wrapped else state_dict
+    kwargs = unet_kwargs_from_state_dict(inner)
+    if not wrapped:
+        return build_unet(kwargs, 1)
+    if block_size is None:
+        block_size = math.isqrt(max(kwargs['in_channels'] // img_channels, 1))
+    if block_size < 2 or block_size ** 2 * img_channels != kwargs['in_channels']:
+        raise ValueError(f'{source}: a ModelWrapper (--block-size) checkpoint whose UNet takes {kwargs["in_channels"]} '
+                         f'channels, which is not block_size^2 x {img_channels} image channels')
+    return build_unet(kwargs, block_size)
+
+
+def load_checkpoint(path: str, use_ema: bool = True, unet_kwargs: dict | None = None,
+                    device: torch.device | str = 'cpu', block_size: int | None = None,
+                    img_channels: int = 3) -> tuple[torch.nn.Module, dict]:
+    """(Wrapped) UNet from a checkpoint in the published layout, read safely (weights_only); returns (net, checkpoint)."""
+    checkpoint = read_checkpoint(path)
+    state_dict = checkpoint_weights(checkpoint, use_ema, f'--network={path}')
+    net = net_from_state_dict(state_dict, unet_kwargs, block_size, img_channels, f'--network={path}')
     load_state_dict_checked(net, state_dict, f'--network={path}')
     return net.eval().requires_grad_(False).to(device), checkpoint
+
+
+def load_transfer(net: torch.nn.Module, path: str) -> str:
+    """--transfer: copy the EMA weights (else the raw ones) of a DDPM checkpoint, a network-snapshot-*.pt or a
+    training-state-*.pt of the DDPM recipe into `net`; returns which weights were used."""
+    checkpoint = read_checkpoint(path, flag='--transfer')
+    use_ema = isinstance(checkpoint.get('ema'), dict) and 'shadow' in checkpoint['ema']
+    state_dict = checkpoint_weights(checkpoint, use_ema, f'--transfer={path}')
+    load_state_dict_checked(net, state_dict, f'--transfer={path}')
+    return 'ema.shadow' if use_ema else 'model'

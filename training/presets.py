@@ -97,6 +97,15 @@ class TrainConfig:
     grad_norm:          Optional[float]         = None      # Clip the global gradient norm; 0 = no clipping.
     lr_warmup_steps:    Optional[int]           = None      # Linear learning-rate warm-up in optimizer steps.
     epochs:             Optional[float]         = None      # Duration in epochs of the dataset; None = total_nimg.
+    chkpt_intv:         Optional[float]         = None      # Snapshot and training-state interval in epochs; None = snapshot_nimg / checkpoint_nimg.
+    block_size:         Optional[int]           = None      # Pixel-unshuffle block around the UNet (ddpm-torch ModelWrapper); 1 = none.
+    eval:               Optional[bool]          = None      # FID of the EMA at every snapshot (ddpm-torch --eval).
+    eval_total_size:    Optional[int]           = None      # --eval: images generated per evaluation.
+    eval_batch_size:    Optional[int]           = None      # --eval: images per sampling batch (all ranks together).
+    eval_ref:           Optional[str]           = None      # --eval: reference statistics (.npz / .pkl); None = computed from --data once.
+    use_ddim:           Optional[bool]          = None      # --eval: sample with DDIM (eta 0) instead of all T ancestral steps.
+    skip_schedule:      Optional[str]           = None      # --eval with DDIM: timestep subsequence linear | quadratic.
+    subseq_size:        Optional[int]           = None      # --eval with DDIM: number of timesteps.
     # CIFAR EDM2 recipe (FutureXiang/edm2, training/presets_cifar_edm2.py); None for the other recipes.
     lr_warmup_epochs:   Optional[int]           = None      # Linear learning-rate warm-up, in epochs.
     lr_tref_epochs:     Optional[int]           = None      # Inverse-sqrt learning-rate decay from this epoch on.

@@ -8,6 +8,7 @@ generate.py and our generate.py read; they add a 'config' entry (UNet and diffus
 """
 
 import copy
+import logging
 import os
 
 import torch
@@ -105,16 +106,23 @@ class DDPMRecipe(EDMRecipe):
         return ddpm.get_beta_schedule(cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.timesteps)
 
     def unet_kwargs(self, img_resolution: int, img_channels: int) -> dict:
-        """UNet constructor arguments, named as the reference's configs/<dataset>.json."""
+        """UNet constructor arguments, named as the reference's configs/<dataset>.json; with --block-size b the
+        channels are multiplied by b^2 and attention stays at the preset's levels (the reference's per-level apply_attn)."""
         cfg = self.cfg
         out_channels = 2 * img_channels if cfg.model_var_type == 'learned' else img_channels
-        return dict(in_channels=img_channels, hid_channels=cfg.model_channels, out_channels=out_channels,
+        area = (cfg.block_size or 1) ** 2
+        return dict(in_channels=img_channels * area, hid_channels=cfg.model_channels, out_channels=out_channels * area,
                     ch_multipliers=list(cfg.channel_mult), num_res_blocks=cfg.num_blocks,
                     apply_attn=attn_levels(img_resolution, cfg.channel_mult, cfg.attn_resolutions), drop_rate=cfg.dropout)
 
     def network_kwargs(self, interface: dict) -> dnnlib.EasyDict:
-        return dnnlib.EasyDict(class_name='training.networks_ddpm.UNet',
-                               **self.unet_kwargs(interface['img_resolution'], interface['img_channels']))
+        kwargs = self.unet_kwargs(interface['img_resolution'], interface['img_channels'])
+        block_size = self.cfg.block_size or 1
+        if block_size > 1:
+            from training.presets_ddpm import check_block_size
+            check_block_size(interface['img_resolution'], block_size, len(self.cfg.channel_mult), f'--data={self.cfg.data}')
+            return dnnlib.EasyDict(class_name='training.networks_ddpm.ModelWrapper', block_size=block_size, **kwargs)
+        return dnnlib.EasyDict(class_name='training.networks_ddpm.UNet', **kwargs)
 
     def network_interface(self, interface: dict) -> dict:
         return {}
@@ -151,17 +159,45 @@ class DDPMRecipe(EDMRecipe):
     def update_ema(self, ema, prev_nimg: int, cur_nimg: int) -> None:
         ema.update()
 
+    def prepare(self, ctx) -> None:
+        """--eval: the detector and the reference statistics, before the first step."""
+        if self.cfg.eval:
+            from training.eval_ddpm import Evaluator
+            ctx.evaluator = Evaluator(self.cfg, ctx.run_dir, ctx.device, logging.getLogger('edm.training').info)
+
+    def evaluate(self, ctx) -> bool:
+        """--eval: FID of the EMA (ddpm-torch Evaluator at every checkpoint), reported as Metrics/fid."""
+        if not self.cfg.eval:
+            return False
+        from torch_utils import training_stats
+        if ctx.get('evaluator') is None:
+            self.prepare(ctx)
+        diffusion = {k: v for k, v in self.options_kwargs().items() if k != 'class_name'}
+        fid = ctx.evaluator(ctx.ema.get(), ctx.dataset.resolution, diffusion)
+        training_stats.report0('Metrics/fid', fid)
+        ctx.eval_results = dict(cur_nimg=ctx.cur_nimg, fid=fid)
+        return True
+
+    def load_transfer(self, ctx) -> str:
+        """--transfer: a DDPM checkpoint's EMA (else raw) weights, read safely (networks_ddpm.load_transfer)."""
+        from training.networks_ddpm import load_transfer
+        return load_transfer(ctx.net, self.cfg.transfer)
+
     def save_snapshot(self, ctx) -> list[str]:
-        images_per_epoch = max(len(ctx.dataset) // ctx.cfg.batch_size, 1) * ctx.cfg.batch_size
+        # An epoch is one pass over the un-flipped images in full batches (training_loop.resolve_epochs).
+        images = len(ctx.dataset) // (2 if ctx.cfg.xflip else 1)
+        images_per_epoch = max(images // ctx.cfg.batch_size, 1) * ctx.cfg.batch_size
         steps = ctx.cur_nimg // ctx.cfg.batch_size
         lr = self.learning_rate(ctx.cur_nimg)
         data = dict(model=ctx.net.state_dict(), optimizer=ctx.optimizer.state_dict(),
                     scheduler=dict(base_lrs=[self.cfg.lr], last_epoch=steps, _step_count=steps + 1, _last_lr=[lr]),
                     ema=ctx.ema.state_dict(), epoch=ctx.cur_nimg // images_per_epoch,
                     config=dict(unet=self.unet_kwargs(ctx.dataset.resolution, ctx.net.in_channels),
-                                resolution=ctx.dataset.resolution,
+                                resolution=ctx.dataset.resolution, block_size=self.cfg.block_size or 1,
                                 diffusion=self.options_kwargs(), cur_nimg=ctx.cur_nimg))
         del data['config']['diffusion']['class_name']
+        if (ctx.get('eval_results') or {}).get('cur_nimg') == ctx.cur_nimg:
+            data['fid'] = ctx.eval_results['fid']  # the reference stores its evaluation results in the checkpoint
         path = os.path.join(ctx.run_dir, f'network-snapshot-{self.kimg_name(ctx.cur_nimg)}.pt')
         with dnnlib.util.atomic_write(path, 'wb') as f:
             torch.save(data, f)

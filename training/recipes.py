@@ -84,6 +84,13 @@ class Recipe:
         """The EMA tracker of the network being trained."""
         raise NotImplementedError
 
+    def load_transfer(self, ctx) -> str:
+        """--transfer: copy weights of another network into ctx.net (the loop then resets the EMA); returns what was read."""
+        data = persistence.load_pickle(self.cfg.transfer, trust=self.cfg.trust_pickle)
+        src = data['ema'] if isinstance(data, dict) else data
+        misc.copy_params_and_buffers(src_module=src, dst_module=ctx.net, require_all=False)
+        return 'ema' if isinstance(data, dict) else 'network'
+
     def learning_rate(self, cur_nimg: int) -> float:
         """Learning rate of the optimizer step taken at cur_nimg (the images seen before the step)."""
         cfg = self.cfg
@@ -97,6 +104,13 @@ class Recipe:
     def update_ema(self, ema, prev_nimg: int, cur_nimg: int) -> None:
         """Advance the EMA after the optimizer step that took training from prev_nimg to cur_nimg."""
         raise NotImplementedError
+
+    def prepare(self, ctx) -> None:
+        """Last step of the loop's setup, on every rank (load what evaluate() needs)."""
+
+    def evaluate(self, ctx) -> bool:
+        """Measure the network before a snapshot (every rank); True when a value was reported for this status line."""
+        return False
 
     def kimg_name(self, cur_nimg: int) -> str:
         """The kimg field of network-snapshot / training-state file names."""

@@ -9,7 +9,7 @@ generic generate_images() asks for, so `--sampler=ddpm|ddim` pick the discrete s
 import torch
 
 from training import ddpm
-from training.networks_ddpm import UNet, load_checkpoint
+from training.networks_ddpm import load_checkpoint
 
 # The reference configs/<dataset>.json: image resolution and diffusion settings of published checkpoints.
 REFERENCE_CONFIGS = {
@@ -27,9 +27,9 @@ class DDPMNetwork(torch.nn.Module):
     discrete_time = True
 
     def __init__(self,
-        unet:           UNet,           # The denoiser, eps/x_0/mean (+ variance) output.
-        img_resolution: int,            # Image size the network was trained at.
-        diffusion:      dict,           # timesteps, beta_schedule, beta_start, beta_end, model_mean_type, model_var_type.
+        unet:           torch.nn.Module,    # UNet or ModelWrapper (--block-size): eps/x_0/mean (+ variance) output.
+        img_resolution: int,                # Image size the network was trained at.
+        diffusion:      dict,               # timesteps, beta_schedule, beta_start, beta_end, model_mean_type, model_var_type.
     ):
         super().__init__()
         self.unet = unet
@@ -61,13 +61,15 @@ def load_ddpm_network(path: str, dataset: str | None = None, use_ema: bool = Fal
             raise ValueError(f'--dataset={dataset} has no reference config; choose one of {", ".join(REFERENCE_CONFIGS)}')
         ref = REFERENCE_CONFIGS[dataset]
         settings = dict(_DIFFUSION_DEFAULTS, model_var_type=ref['model_var_type'])
-        resolution, unet_kwargs = ref['resolution'], None
+        resolution, unet_kwargs, block_size = ref['resolution'], None, None
     elif config is not None:
         settings, resolution, unet_kwargs = dict(config['diffusion']), config['resolution'], config['unet']
+        block_size = int(config.get('block_size', 1))
     else:
         raise ValueError(f'--network={path} holds no config (a published ddpm-torch checkpoint); name its reference '
                          f'config with --dataset ({", ".join(REFERENCE_CONFIGS)})')
-    unet, _checkpoint = load_checkpoint(path, use_ema=use_ema, unet_kwargs=unet_kwargs, device=device)
+    # A `_model.`-prefixed published checkpoint is a --block-size > 1 run (ModelWrapper); its block follows from 3 channels.
+    unet, _checkpoint = load_checkpoint(path, use_ema=use_ema, unet_kwargs=unet_kwargs, device=device, block_size=block_size)
     expected = 2 * unet.in_channels if settings['model_var_type'] == 'learned' else unet.in_channels
     if unet.out_channels != expected:
         raise ValueError(f'--network={path}: the UNet outputs {unet.out_channels} channels, but model_var_type='

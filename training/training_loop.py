@@ -146,13 +146,20 @@ def open_dataset(cfg: TrainConfig):
 
 
 def resolve_epochs(cfg: TrainConfig, dataset) -> TrainConfig:
-    """--epochs -> total_nimg: full batches per pass over the un-flipped images (ddpm-torch drops the last one)."""
-    if cfg.epochs is None:
+    """--epochs -> total_nimg, --chkpt-intv -> snapshot_nimg and checkpoint_nimg: full batches per pass over the
+    un-flipped images (ddpm-torch drops the last one)."""
+    if cfg.epochs is None and cfg.chkpt_intv is None:
         return cfg
     images = len(dataset) // (2 if cfg.xflip else 1)
     if images < cfg.batch_size:
         raise ValueError(f'--data={cfg.data} holds {images} images, fewer than one batch (--batch={cfg.batch_size})')
-    return dataclasses.replace(cfg, total_nimg=int(round(cfg.epochs * (images // cfg.batch_size))) * cfg.batch_size)
+    changes = {}
+    if cfg.epochs is not None:
+        changes['total_nimg'] = int(round(cfg.epochs * (images // cfg.batch_size))) * cfg.batch_size
+    if cfg.chkpt_intv is not None:
+        interval = max(int(round(cfg.chkpt_intv * (images // cfg.batch_size))), 1) * cfg.batch_size
+        changes.update(snapshot_nimg=interval, checkpoint_nimg=interval)
+    return dataclasses.replace(cfg, **changes)
 
 
 def _init_runtime(cfg: TrainConfig, device: torch.device, recipe) -> None:
@@ -202,7 +209,7 @@ def _write_json(path: str, data) -> None:
         json.dump(data, f, indent=2)
 
 
-_RUN_FILES = r'training-state-\d+\.pt|network-snapshot-[\w.-]+\.pkl|[\w-]+\.json'  # what atomic writes put in run_dir
+_RUN_FILES = r'training-state-\d+\.pt|network-snapshot-[\w.-]+\.(?:pkl|pt)|[\w-]+\.json|fid-ref\.npz'  # what atomic writes put in run_dir
 
 
 def setup(cfg: TrainConfig, run_dir: str, device: torch.device) -> dnnlib.EasyDict:
@@ -214,7 +221,7 @@ def setup(cfg: TrainConfig, run_dir: str, device: torch.device) -> dnnlib.EasyDi
     changes = check_resume_options(find_latest_state(run_dir) or cfg.resume, to_json(cfg), cfg.allow_option_change)
     _init_runtime(cfg, device, ctx.recipe)
     ctx.dataset, ctx.dataset_kwargs = open_dataset(cfg)
-    if cfg.epochs is not None:  # --epochs fixes total_nimg only once the dataset size is known
+    if cfg.epochs is not None or cfg.chkpt_intv is not None:  # epochs count images once the dataset size is known
         ctx.cfg = cfg = resolve_epochs(cfg, ctx.dataset)
         ctx.recipe = make_recipe(cfg)
     ctx.encoder, ctx.encoder_kwargs = ctx.recipe.make_encoder(ctx.dataset)
@@ -240,6 +247,8 @@ def setup(cfg: TrainConfig, run_dir: str, device: torch.device) -> dnnlib.EasyDi
         _write_json(os.path.join(run_dir, 'training_options.json'), ctx.options)
         _write_json(os.path.join(run_dir, 'run_config.json'), to_json(cfg))
     _make_iterators(ctx)
+    if not cfg.first_step:
+        ctx.recipe.prepare(ctx)  # e.g. DDPM --eval: a missing detector fails now, not at the first snapshot
     return ctx
 
 
@@ -300,9 +309,8 @@ def _restore(ctx) -> str | None:
         return path
     if cfg.transfer:
         logger.info(f'Loading network weights from "{cfg.transfer}"...')
-        data = persistence.load_pickle(cfg.transfer, trust=cfg.trust_pickle)
-        src = data['ema'] if isinstance(data, dict) else data
-        misc.copy_params_and_buffers(src_module=src, dst_module=ctx.net, require_all=False)
+        what = ctx.recipe.load_transfer(ctx)
+        logger.info(f'Initialised the network from the {what} weights of "{cfg.transfer}"')
         ctx.ema.reset()
     return None
 
@@ -584,6 +592,8 @@ def maintenance(ctx, prev_nimg: int) -> bool:
     checkpoint = done or _crossed(prev_nimg, ctx.cur_nimg, cfg.checkpoint_nimg)
     if status or snapshot or checkpoint:
         _check_finite(ctx)
+    if snapshot and cfg.snapshot_nimg is not None and not ctx.stopped:
+        status |= ctx.recipe.evaluate(ctx)  # e.g. DDPM --eval: its FID goes into this status line
     if status or done:
         _status(ctx)
     if snapshot and cfg.snapshot_nimg is not None:
