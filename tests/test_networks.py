@@ -125,7 +125,7 @@ def test_attention_backends_agree_with_gradients():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=str(key))
     with pytest.raises(ValueError, match='sdpa'):
         networks.set_attention_impl('flash')
-    assert networks.get_attention_impl() == 'sdpa'
+    assert networks.get_attention_impl() == 'auto'
 
 
 @pytest.mark.parametrize('model_type', ['SongUNet', 'DhariwalUNet'])

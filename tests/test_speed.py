@@ -98,3 +98,52 @@ def test_compiler_check_names_what_is_missing(monkeypatch):
     finally:
         speed.compiler_missing.cache_clear()
     assert speed.compiler_missing('xla') is not None
+
+
+def test_auto_attention_takes_sdpa_only_for_narrow_heads(monkeypatch):
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention', lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    assert networks.get_attention_impl() == 'auto'
+    for channels, expect_sdpa in ((64, True), (networks.SDPA_MAX_HEAD_CHANNELS, True), (256, False)):
+        calls.clear()
+        q, k, v = torch.randn(3, 2, channels, 16).unbind(0)
+        out = networks.attention(q, k, v)
+        with networks.attention_impl('reference'):
+            torch.testing.assert_close(out, networks.attention(q, k, v), rtol=1e-4, atol=1e-5)
+        assert bool(calls) == expect_sdpa, channels
+
+
+def test_train_compile_gives_the_eager_first_step_gradients(tmp_path, monkeypatch):
+    from tests.test_train import assert_gradients_match, cifar_mini, deterministic_noise, record_gradients, train
+    from tests.test_train import write_dataset
+    import numpy as np
+    images, labels = cifar_mini()
+    small = images[:32].reshape(32, 8, 4, 8, 4, 3).mean(axis=(2, 4)).astype(np.uint8)
+    data = write_dataset(tmp_path / 'data', small, labels[:32])
+    monkeypatch.setattr(speed, 'DEFAULT_BACKEND', 'aot_eager')
+    monkeypatch.setattr(speed, 'compiler_missing', lambda device_type: None)
+    compiled = []
+    compile_network = speed.compile_network
+    monkeypatch.setattr(speed, 'compile_network', lambda net, *a, **k: compiled.append(net) or compile_network(net, *a, **k))
+    deterministic_noise(monkeypatch)
+    grads = []
+    record_gradients(monkeypatch.setattr, grads)
+    common = dict(data=data, total_nimg=16, batch_size=16, P_mean=-0.5, P_std=0.0, status_nimg=None, snapshot_nimg=None)
+    train(tmp_path / 'eager', 'tiny-edm', **common)
+    train(tmp_path / 'compiled', 'tiny-edm', compile=True, **common)
+    assert len(compiled) == 1
+    assert len(grads) == 2
+    assert_gradients_match(grads[1], grads[0], batch_size=16, resolution=8)
+
+
+def test_generate_compile_gives_the_same_images(monkeypatch):
+    from training import sampling
+    monkeypatch.setattr(speed, 'DEFAULT_BACKEND', 'aot_eager')
+    net = _tiny_edm().eval().requires_grad_(False)
+    images = {}
+    for compile in (False, True):
+        batches = sampling.generate_images(net, seeds=range(3), batch_size=2, num_steps=3, compile=compile)
+        images[compile] = torch.cat([batch.images for batch in batches]).to(torch.int16)
+    assert (images[True] - images[False]).abs().max() <= 1  # uint8 rounding of fp32-identical math
+    assert (images[True] == images[False]).float().mean() > 0.99

@@ -17,10 +17,10 @@ from torch_utils import persistence
 # The reference EDM2 code executes this file's source when it loads our pickles, and it has no other
 # module of this project: so this file only imports torch, numpy and torch_utils at load time.
 try:  # one attention switch for the whole project, owned by training.networks
-    from training.networks import get_attention_impl
+    from training.networks import use_sdpa
 except ImportError:  # running as embedded source inside the reference code
-    def get_attention_impl() -> str:
-        return 'sdpa'
+    def use_sdpa(head_channels: int) -> bool:
+        return True
 
 #----------------------------------------------------------------------------
 # Input validation and attention.
@@ -44,7 +44,7 @@ def check_inputs(x, noise_labels, class_labels, img_channels: int, img_resolutio
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q^T k / sqrt(C)) v over [N, heads, C, L]; SDPA or the reference einsum (see training.networks)."""
-    if get_attention_impl() == 'sdpa':
+    if use_sdpa(q.shape[2]):
         out = torch.nn.functional.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
         return out.transpose(-1, -2)
     w = torch.einsum('nhcq,nhck->nhqk', q, k / np.sqrt(q.shape[2])).softmax(dim=3)

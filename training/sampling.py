@@ -646,9 +646,8 @@ def generate_images(
     net, gnet, sampler_kwargs = apply_fast_paths(net, gnet, sampler_kwargs, channels_last, batched_guidance)
     if compile:
         from training import speed
-        for module in (net, gnet):
-            if module is not None:
-                speed.compile_regions(module)
+        net = speed.compile_network(net)
+        gnet = speed.compile_network(gnet) if gnet is not None else None
     autocast = precision_context(precision, device)
 
     def make_batch(batch_seeds):
