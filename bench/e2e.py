@@ -12,6 +12,7 @@ import fnmatch
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -172,6 +173,12 @@ class Workspace:
             return self._make(key, self._make_snapshot)
         raise KeyError(key)
 
+    def offer_snapshot(self, outdir: str) -> None:
+        """A finished fp32 'train' row's folder: its last snapshot serves the generate rows of this run."""
+        found = sorted(n for n in os.listdir(outdir) if n.startswith('network-snapshot-'))
+        if found and 'network' not in self._made and 'network' not in self._failed:
+            self._made['network'] = os.path.join(outdir, found[-1])
+
     def _make_snapshot(self) -> str:
         """The network pickle of the generate rows: train.py as the 'train' rows run it (fp32), one batch."""
         folder = os.path.join(self.root, f'snapshot-{self.size}')
@@ -193,11 +200,11 @@ class Workspace:
         shutil.rmtree(path, ignore_errors=True)
         return path
 
-    def fill(self, args, outdir: str, num: int | None = None) -> list[str]:
+    def fill(self, args, outdir: str) -> list[str]:
         """Arguments with their {placeholders} replaced; inputs are made on first use."""
         filled = []
         for arg in args:
-            values = dict(device=self.device, outdir=outdir, num='' if num is None else str(num))
+            values = dict(device=self.device, outdir=outdir, images=str(self.data['images']))
             for key in ('data', 'encode_data', 'latents', 'ref', 'vae', 'network'):
                 if '{' + key + '}' in arg:
                     values[key] = self.path(key)
@@ -274,9 +281,17 @@ class MemoryPoller:
         return self.peak_mb
 
 
-def _read_lines(stream, sink: list, start: float) -> None:
-    for line in iter(stream.readline, ''):
-        sink.append((time.time() - start, line.rstrip('\n')))
+def _read_segments(stream, sink: list, start: float) -> None:
+    """Append (seconds since start, text) per line of a binary stream; a carriage return ends a segment
+    too, so every tqdm update arrives with its own time."""
+    pending = b''
+    for chunk in iter(lambda: stream.read1(65536), b''):
+        now = time.time() - start
+        parts = re.split(rb'[\r\n]', pending + chunk)
+        pending = parts.pop()
+        sink.extend((now, part.decode(errors='replace')) for part in parts if part.strip())
+    if pending.strip():
+        sink.append((time.time() - start, pending.decode(errors='replace')))
     stream.close()
 
 
@@ -299,11 +314,10 @@ def run_command(argv: list[str], time_limit_s: float, gpu_index: int | None, env
     tail and peak memory. The command is killed after `time_limit_s`."""
     env = dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))
     start_wall = time.time()
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     poller = MemoryPoller(proc.pid, gpu_index, interval_s=0.1 if gpu_index is None else 0.5)
     stdout, stderr = [], []
-    readers = [threading.Thread(target=_read_lines, args=(s, sink, start_wall), daemon=True)
+    readers = [threading.Thread(target=_read_segments, args=(s, sink, start_wall), daemon=True)
                for s, sink in ((proc.stdout, stdout), (proc.stderr, stderr))]
     for reader in readers:
         reader.start()
@@ -322,7 +336,7 @@ def run_command(argv: list[str], time_limit_s: float, gpu_index: int | None, env
     for reader in readers:
         reader.join(10)
     return dict(returncode=proc.returncode, timed_out=timed_out, wall_s=wall_s, start_wall=start_wall,
-                stdout=stdout, stderr_tail='\n'.join(line for _, line in stderr)[-4000:],
+                stdout=stdout, stderr=stderr, stderr_tail='\n'.join(line for _, line in stderr[-50:])[-4000:],
                 peak_mem_mb=peak_mb, peak_mem_kind=poller.kind)
 
 #----------------------------------------------------------------------------
@@ -388,13 +402,40 @@ def measure_images(run: dict, outdir: str, args: list[str]) -> dict:
                 startup_kind='first_image', images=len(mtimes), batch=batch)
 
 
-def two_size_rate(nums: tuple[int, int], walls: tuple[float, float]) -> tuple[float, float]:
-    """(img/s, fixed start-up seconds) from the wall times of the same command at two image counts."""
-    (n1, n2), (w1, w2) = nums, walls
-    if n2 <= n1 or w2 <= w1:
-        raise RuntimeError(f'{n2} images took {w2:.1f} s, not longer than {n1} images in {w1:.1f} s; use more images')
-    rate = (n2 - n1) / (w2 - w1)
-    return rate, w1 - n1 / rate
+_TQDM = re.compile(r'(\d+)/(\d+) \[[^\]]*?(?:\?|[\d.]+)\s*([A-Za-z]+)/s')
+
+
+def progress_points(segments: list[tuple[float, str]]) -> list[tuple[float, int, int, str]]:
+    """(seconds, done, total, unit) of every tqdm update on stderr, each count at the first time it was shown."""
+    points, seen = [], set()
+    for seconds, text in segments:
+        m = _TQDM.search(text)
+        if m is not None and int(m.group(1)) not in seen:
+            seen.add(int(m.group(1)))
+            points.append((seconds, int(m.group(1)), int(m.group(2)), m.group(3)))
+    return points
+
+
+def steady_progress_rate(points: list, images_per_unit: int, num_images: int | None) -> tuple[float, float]:
+    """(img/s between the first shown count above zero and the last, seconds to that first count):
+    start-up and the first batch are excluded from the rate."""
+    done = [(t, min(n * images_per_unit, num_images or n * images_per_unit)) for t, n, _, _ in points if n > 0]
+    if len(done) < 2 or done[-1][0] <= done[0][0]:
+        raise RuntimeError(f'{len(done)} progress update(s) on stderr; need 2 or more (use more images)')
+    return (done[-1][1] - done[0][1]) / (done[-1][0] - done[0][0]), done[0][0]
+
+
+def measure_progress(run: dict, args: list[str]) -> dict:
+    """Steady img/s and time to the first progress count from the tqdm bar on stderr (fid.py, dataset_tool.py)."""
+    points = progress_points(run['stderr'])
+    if not points:
+        raise RuntimeError('no progress bar on stderr')
+    unit = points[-1][3]
+    batch = int(flag_value(args, '--batch') or 1) if unit == 'batch' else 1
+    num = flag_value(args, '--num') or flag_value(args, '--max-images')
+    rate, first = steady_progress_rate(points, batch, int(num) if num else None)
+    return dict(images_per_s=rate, startup_s=first, startup_kind='first_progress_count', progress_unit=unit,
+                progress=[dict(seconds=t, done=n, total=total) for t, n, total, _ in points])
 
 #----------------------------------------------------------------------------
 # Rows and records.
@@ -414,45 +455,27 @@ def _failure(run: dict, time_limit_s: float) -> str | None:
     return None
 
 
-def _clamp_nums(nums: tuple[int, int], args: list[str], data: dict) -> tuple[int, int]:
-    """Two-size image counts, at most the size of the dataset the command reads."""
-    text = ' '.join(args)
-    limit = data['images'] if '{data}' in text else data['encode_images'] if '{encode_data}' in text else None
-    return tuple(n if limit is None else min(n, limit) for n in nums)
-
-
 def run_row(row, ws: Workspace, time_limit_s: float, gpu_index: int | None, env: dict) -> dict:
     """Run one row and measure it; a failure is recorded as `error` (one line), never raised."""
     group = e2e_rows.GROUPS[row.group]
     base = list(group.base[ws.size]) + list(row.args)
     record = dict(row=row.name, group=row.group, script=group.script, ref=row.ref, fp32=row.fp32, ok=False)
     try:
-        if group.measure == 'two_sizes':
-            nums = _clamp_nums(group.nums[ws.size], base, ws.data)
-            runs, commands = [], []
-            for num in nums:
-                outdir = ws.outdir(row.name)
-                args = ws.fill(base, outdir, num)
-                commands.append(_display(group.script, args, env))
-                runs.append(run_command([sys.executable, group.script] + args, time_limit_s, gpu_index, env))
-                record.update(command=commands[-1], commands=commands, wall_s=[r['wall_s'] for r in runs], nums=list(nums))
-                if (error := _failure(runs[-1], time_limit_s)) is not None:
-                    return dict(record, error=error)
-            rate, fixed = two_size_rate(nums, tuple(r['wall_s'] for r in runs))
-            record.update(images_per_s=rate, startup_s=fixed, startup_kind='fixed_cost_two_sizes',
-                          peak_mem_mb=max(r['peak_mem_mb'] for r in runs), peak_mem_kind=runs[-1]['peak_mem_kind'])
+        outdir = ws.outdir(row.name)
+        args = ws.fill(base, outdir)
+        record['command'] = _display(group.script, args, env)
+        run = run_command([sys.executable, group.script] + args, time_limit_s, gpu_index, env)
+        record.update(wall_s=run['wall_s'], peak_mem_mb=run['peak_mem_mb'], peak_mem_kind=run['peak_mem_kind'])
+        if (error := _failure(run, time_limit_s)) is not None:
+            return dict(record, error=error)
+        if group.measure == 'train':
+            record.update(measure_train(run, outdir, gpu_index is not None))
+            if row.group == 'train' and row.fp32:
+                ws.offer_snapshot(outdir)
+        elif group.measure == 'images':
+            record.update(measure_images(run, outdir, args))
         else:
-            outdir = ws.outdir(row.name)
-            args = ws.fill(base, outdir)
-            record['command'] = _display(group.script, args, env)
-            run = run_command([sys.executable, group.script] + args, time_limit_s, gpu_index, env)
-            record.update(wall_s=run['wall_s'], peak_mem_mb=run['peak_mem_mb'], peak_mem_kind=run['peak_mem_kind'])
-            if (error := _failure(run, time_limit_s)) is not None:
-                return dict(record, error=error)
-            if group.measure == 'train':
-                record.update(measure_train(run, outdir, gpu_index is not None))
-            else:
-                record.update(measure_images(run, outdir, args))
+            record.update(measure_progress(run, args))
     except (RuntimeError, OSError, ValueError, KeyError) as err:
         return dict(record, error=str(err))
     record['ok'] = True
@@ -523,18 +546,16 @@ def run_e2e(rows: list, device_type: str, gpu_index: int | None, size: str, time
             on_record=None) -> list[dict]:
     """Run the rows in order in a work folder (a temporary one unless `workdir`), each killed after
     `time_limit_s`; returns the records with ratios. `on_record(records)` runs after every row."""
-    env = {}
-    if gpu_index is not None:
-        env['CUDA_VISIBLE_DEVICES'] = str(gpu_index)
-    if detector is not None:
-        env['EDM_FID_DETECTOR'] = detector
+    env = {} if gpu_index is None else dict(CUDA_VISIBLE_DEVICES=str(gpu_index))
+    script_env = {} if detector is None else {'fid.py': dict(EDM_FID_DETECTOR=detector)}
     root = workdir or tempfile.mkdtemp(prefix='bench-e2e-')
     ws = Workspace(root, size, device_type, images, vae)
     records = []
     try:
         for row in rows:
             start = time.time()
-            records.append(run_row(row, ws, time_limit_s, gpu_index, env))
+            script = e2e_rows.GROUPS[row.group].script
+            records.append(run_row(row, ws, time_limit_s, gpu_index, dict(env, **script_env.get(script, {}))))
             add_ratios(records)
             r = records[-1]
             log(f'{row.name:<24s} {time.time() - start:6.1f} s  ' +

@@ -6,12 +6,12 @@ A row is one command line. Its group names the script, the measurement and the b
     Row('train-fast', 'train', ('--fast=1',)),
 
 Placeholders in braces are filled by bench/e2e.py: {device} (cpu or cuda), {outdir} (a fresh
-folder per row), {data} (PNG dataset zip), {latents} (EDM2 raw-latent zip), {network} (a
-snapshot pickle made by a short train.py run), {encode_data} (larger images for the VAE),
-{vae} (a diffusers folder), {ref} (FID reference statistics) and {num} (the image count of
-two-size rows). Within a group, `ref` marks the reference code's fastest path (EDM --fp16=1,
-EDM2 fp16, one-image-at-a-time encoding) and `fp32` the plain fp32 path; every row of the group
-reports its img/s as a ratio to both.
+folder per row), {data} (PNG dataset zip) and {images} (its size), {latents} (EDM2 raw-latent zip),
+{network} (the last snapshot of this run's fp32 'train' row, else one made by a one-batch train.py
+run), {encode_data} (larger images for the VAE), {vae} (a diffusers folder) and {ref} (FID
+reference statistics). Within a group, `ref` marks the reference code's fastest path (EDM
+--fp16=1, EDM2 fp16, one-image-at-a-time encoding) and `fp32` the plain fp32 path; every row of the
+group reports its img/s as a ratio to both.
 """
 
 from __future__ import annotations
@@ -33,15 +33,14 @@ class Row:
 class Group:
     """What the rows of one group run and how they are measured."""
     script:  str                         # Script in the repository root.
-    measure: str                         # 'train' (stats.jsonl ticks), 'images' (PNG mtimes) or 'two_sizes' (wall time of {num}).
+    measure: str                         # 'train' (stats.jsonl ticks), 'images' (PNG mtimes) or 'progress' (tqdm counts on stderr).
     base:    dict[str, tuple[str, ...]]  # Base arguments per --size.
-    nums:    dict[str, tuple[int, int]] | None = None  # two_sizes: the two image counts per --size.
 
 
 # Sizes of the made-up inputs per --size: PNG dataset, EDM2 latents, VAE input images.
 DATA = {
     'full': dict(images=5000, resolution=32, latents=1024, latent_resolution=64, encode_images=256, encode_resolution=512),
-    'tiny': dict(images=64, resolution=32, latents=32, latent_resolution=8, encode_images=8, encode_resolution=32),
+    'tiny': dict(images=64, resolution=32, latents=32, latent_resolution=64, encode_images=32, encode_resolution=64),
 }
 
 # train.py: DDPM++ class-conditional CIFAR-10 (EDM config F); six status ticks, the first one holds the start-up.
@@ -54,22 +53,19 @@ _EDM2 = ('--preset=edm2-img512-s', '--data={latents}', '--outdir={outdir}', '--d
 GROUPS = {
     'train': Group('train.py', 'train', dict(
         full=_DDPMPP + ('--batch=512', '--status=10Ki', '--duration=60Ki'),
-        tiny=_DDPMPP + ('--batch=8', '--cbase=16', '--cres=1,2', '--workers=0', '--status=16', '--duration=0.064k'))),
+        tiny=_DDPMPP + ('--batch=8', '--cbase=16', '--cres=1,2', '--workers=0', '--status=16', '--duration=0.048k'))),
     'edm2': Group('train.py', 'train', dict(
         full=_EDM2 + ('--batch=256', '--batch-gpu=32', '--status=2560', '--duration=15360'),
         tiny=_EDM2 + ('--batch=8', '--cbase=16', '--cres=1,2', '--workers=0', '--status=16', '--duration=64'))),
     'generate': Group('generate.py', 'images', dict(
         full=('--network={network}', '--outdir={outdir}', '--seeds=0-4095', '--batch=512', '--steps=18', '--device={device}'),
-        tiny=('--network={network}', '--outdir={outdir}', '--seeds=0-11', '--batch=4', '--steps=6', '--device={device}'))),
-    'fid': Group('fid.py', 'two_sizes', dict(
-        full=('calc', '--images={data}', '--ref={ref}', '--num={num}', '--batch=256', '--device={device}'),
-        tiny=('calc', '--images={data}', '--ref={ref}', '--num={num}', '--batch=8', '--workers=0', '--device={device}')),
-        nums=dict(full=(1000, 5000), tiny=(16, 64))),
-    'encode': Group('dataset_tool.py', 'two_sizes', dict(
-        full=('encode', '--model={vae}', '--source={encode_data}', '--dest={outdir}', '--max-images={num}', '--device={device}'),
-        tiny=('encode', '--model={vae}', '--source={encode_data}', '--dest={outdir}', '--max-images={num}', '--workers=0',
-              '--device={device}')),
-        nums=dict(full=(64, 256), tiny=(2, 8))),
+        tiny=('--network={network}', '--outdir={outdir}', '--seeds=0-7', '--batch=4', '--steps=6', '--device={device}'))),
+    'fid': Group('fid.py', 'progress', dict(
+        full=('calc', '--images={data}', '--ref={ref}', '--num={images}', '--batch=256', '--device={device}'),
+        tiny=('calc', '--images={data}', '--ref={ref}', '--num={images}', '--batch=8', '--workers=0', '--device={device}'))),
+    'encode': Group('dataset_tool.py', 'progress', dict(
+        full=('encode', '--model={vae}', '--source={encode_data}', '--dest={outdir}', '--device={device}'),
+        tiny=('encode', '--model={vae}', '--source={encode_data}', '--dest={outdir}', '--workers=0', '--device={device}'))),
 }
 
 ROWS = [
