@@ -242,42 +242,52 @@ def _tree_rss_mb(pid: int) -> float:
     return total / 2**20
 
 
-def _gpu_used_mb(index: int) -> float | None:
-    """Memory in use on GPU `index` by every process, from nvidia-smi (None if it cannot tell)."""
+def _gpu_used_mb(gpu: str) -> float | None:
+    """Memory in use on one GPU (nvidia-smi -i: index or UUID) by every process (None if it cannot tell)."""
     try:
-        out = subprocess.run(['nvidia-smi', '--query-gpu=memory.used', '--format=csv,noheader,nounits', '-i', str(index)],
+        out = subprocess.run(['nvidia-smi', '--query-gpu=memory.used', '--format=csv,noheader,nounits', '-i', gpu],
                              capture_output=True, text=True, timeout=10)
         return float(out.stdout.strip().splitlines()[0])
     except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
         return None
 
 
+def physical_gpu(index: int | None) -> str:
+    """nvidia-smi's name (-i) of torch's cuda:index, which counts within $CUDA_VISIBLE_DEVICES."""
+    visible = [v.strip() for v in os.environ.get('CUDA_VISIBLE_DEVICES', '').split(',') if v.strip()]
+    position = index or 0
+    return visible[position] if position < len(visible) else str(position)
+
+
 class MemoryPoller:
     """Peak memory of a running command: the process tree's RSS (CPU), or the GPU's used memory above
-    its level before the start, from nvidia-smi (CUDA; the GPU is assumed to be the bench's alone)."""
+    its level before the start, from nvidia-smi (CUDA; the GPU is assumed to be the bench's alone).
+    Without a working nvidia-smi the peak is None."""
 
-    def __init__(self, pid: int, gpu_index: int | None, interval_s: float):
-        self.pid, self.gpu_index, self.interval_s = pid, gpu_index, interval_s
-        self.baseline = _gpu_used_mb(gpu_index) if gpu_index is not None else None
-        self.peak_mb, self._stop = 0.0, threading.Event()
-        self.kind = 'rss_tree' if gpu_index is None else 'nvidia_smi_delta'
+    def __init__(self, pid: int, gpu: str | None, interval_s: float):
+        self.pid, self.gpu, self.interval_s = pid, gpu, interval_s
+        self.baseline = _gpu_used_mb(gpu) if gpu is not None else None
+        self.kind = 'rss_tree' if gpu is None else 'nvidia_smi_delta' if self.baseline is not None else 'unavailable'
+        self.peak_mb, self._stop = None if self.kind == 'unavailable' else 0.0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        if self.kind != 'unavailable':
+            self._thread.start()
 
     def _sample(self) -> float:
-        if self.gpu_index is None:
+        if self.gpu is None:
             return _tree_rss_mb(self.pid)
-        used = _gpu_used_mb(self.gpu_index)
-        return 0.0 if used is None or self.baseline is None else used - self.baseline
+        used = _gpu_used_mb(self.gpu)
+        return 0.0 if used is None else used - self.baseline
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak_mb = max(self.peak_mb, self._sample())
             self._stop.wait(self.interval_s)
 
-    def stop(self) -> float:
+    def stop(self) -> float | None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
         return self.peak_mb
 
 
@@ -309,13 +319,13 @@ def _kill_tree(proc: subprocess.Popen) -> None:
             continue
 
 
-def run_command(argv: list[str], time_limit_s: float, gpu_index: int | None, env: dict | None = None) -> dict:
+def run_command(argv: list[str], time_limit_s: float, gpu: str | None, env: dict | None = None) -> dict:
     """Run one command in the repository root; returns wall time, exit code, timed stdout lines, stderr
     tail and peak memory. The command is killed after `time_limit_s`."""
     env = dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))
     start_wall = time.time()
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    poller = MemoryPoller(proc.pid, gpu_index, interval_s=0.1 if gpu_index is None else 0.5)
+    poller = MemoryPoller(proc.pid, gpu, interval_s=0.1 if gpu is None else 0.5)
     stdout, stderr = [], []
     readers = [threading.Thread(target=_read_segments, args=(s, sink, start_wall), daemon=True)
                for s, sink in ((proc.stdout, stdout), (proc.stderr, stderr))]
@@ -455,7 +465,7 @@ def _failure(run: dict, time_limit_s: float) -> str | None:
     return None
 
 
-def run_row(row, ws: Workspace, time_limit_s: float, gpu_index: int | None, env: dict) -> dict:
+def run_row(row, ws: Workspace, time_limit_s: float, gpu: str | None, env: dict) -> dict:
     """Run one row and measure it; a failure is recorded as `error` (one line), never raised."""
     group = e2e_rows.GROUPS[row.group]
     base = list(group.base[ws.size]) + list(row.args)
@@ -464,12 +474,12 @@ def run_row(row, ws: Workspace, time_limit_s: float, gpu_index: int | None, env:
         outdir = ws.outdir(row.name)
         args = ws.fill(base, outdir)
         record['command'] = _display(group.script, args, env)
-        run = run_command([sys.executable, group.script] + args, time_limit_s, gpu_index, env)
+        run = run_command([sys.executable, group.script] + args, time_limit_s, gpu, env)
         record.update(wall_s=run['wall_s'], peak_mem_mb=run['peak_mem_mb'], peak_mem_kind=run['peak_mem_kind'])
         if (error := _failure(run, time_limit_s)) is not None:
             return dict(record, error=error)
         if group.measure == 'train':
-            record.update(measure_train(run, outdir, gpu_index is not None))
+            record.update(measure_train(run, outdir, gpu is not None))
             if row.group == 'train' and row.fp32:
                 ws.offer_snapshot(outdir)
         elif group.measure == 'images':
@@ -491,7 +501,8 @@ def add_ratios(records: list[dict]) -> list[dict]:
             ok = record['ok'] and base is not None
             record[key] = record['images_per_s'] / base['images_per_s'] if ok else None
             if key == 'vs_ref':
-                record['mem_vs_ref'] = record['peak_mem_mb'] / base['peak_mem_mb'] if ok and base['peak_mem_mb'] > 0 else None
+                mems = (record['peak_mem_mb'], base['peak_mem_mb']) if ok else (None, None)
+                record['mem_vs_ref'] = mems[0] / mems[1] if None not in mems and mems[1] > 0 else None
     return records
 
 #----------------------------------------------------------------------------
@@ -505,26 +516,33 @@ def _fmt(value, spec: str, suffix: str = '') -> str:
 
 
 def table_rows(records: list[dict]) -> list[list[str]]:
-    """One row of strings per record; a failed row shows its error in place of the numbers."""
+    """One row of strings per record; a failed row has 'failed' for img/s and its error as an 8th cell."""
     rows = []
     for r in records:
         if not r['ok']:
-            rows.append([r['row'], 'failed', '', '', '', '', f'{r["error"]}  [{r.get("command", "")}]'])
+            rows.append([r['row'], 'failed', '', '', '', '', r.get('command', ''), r['error']])
             continue
-        rows.append([r['row'], f'{r["images_per_s"]:.1f}', _fmt(r['startup_s'], '.1f'), f'{r["peak_mem_mb"]:.0f}',
+        rows.append([r['row'], f'{r["images_per_s"]:.1f}', _fmt(r['startup_s'], '.1f'), _fmt(r['peak_mem_mb'], '.0f'),
                      _fmt(r['vs_ref'], '.2f', 'x'), _fmt(r['vs_fp32'], '.2f', 'x'), r['command']])
     return rows
 
 
 def format_table(records: list[dict], markdown: bool = False) -> str:
-    """The rows as a fixed-width text table, or Markdown for docs/performance.md."""
+    """The rows as a fixed-width text table, or Markdown for docs/performance.md; a failed row's error
+    follows its command."""
     rows = table_rows(records)
     if markdown:
-        rows = [cells[:-1] + [f'`{cells[-1]}`'] for cells in rows]
-        return '\n'.join('| ' + ' | '.join(cells) + ' |' for cells in [TABLE_HEAD, ['---'] * len(TABLE_HEAD)] + rows)
+        cell = lambda cells: (f'`{cells[6]}`' if cells[6] else '') + (f' failed: {cells[7]}' if len(cells) > 7 else '')
+        lines = [TABLE_HEAD, ['---'] * len(TABLE_HEAD)] + [cells[:6] + [cell(cells).strip()] for cells in rows]
+        return '\n'.join('| ' + ' | '.join(cells) + ' |' for cells in lines)
     widths = [max(len(c[0]) for c in rows + [TABLE_HEAD]), 9, 9, 8, 7, 7]
     line = lambda cells: ' '.join([cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:6], widths[1:])] + [cells[6]])
-    return '\n'.join([line(TABLE_HEAD), '-' * (sum(widths) + len(widths) + 8)] + [line(cells) for cells in rows])
+    lines = [line(TABLE_HEAD), '-' * (sum(widths) + len(widths) + 8)]
+    for cells in rows:
+        lines.append(line(cells).rstrip())
+        if len(cells) > 7:
+            lines.append(' ' * (widths[0] + 1) + f'error: {cells[7]}')
+    return '\n'.join(lines)
 
 
 def default_out_path(device_type: str) -> str:
@@ -545,8 +563,10 @@ def run_e2e(rows: list, device_type: str, gpu_index: int | None, size: str, time
             images: int | None = None, detector: str | None = None, vae: str | None = None, log=print,
             on_record=None) -> list[dict]:
     """Run the rows in order in a work folder (a temporary one unless `workdir`), each killed after
-    `time_limit_s`; returns the records with ratios. `on_record(records)` runs after every row."""
-    env = {} if gpu_index is None else dict(CUDA_VISIBLE_DEVICES=str(gpu_index))
+    `time_limit_s`; returns the records with ratios. `on_record(records)` runs after every row.
+    `gpu_index` is N of cuda:N (None: the default GPU, or no GPU when `device_type` is not cuda)."""
+    gpu = physical_gpu(gpu_index) if device_type == 'cuda' else None
+    env = {} if gpu_index is None else dict(CUDA_VISIBLE_DEVICES=gpu)
     script_env = {} if detector is None else {'fid.py': dict(EDM_FID_DETECTOR=detector)}
     root = workdir or tempfile.mkdtemp(prefix='bench-e2e-')
     ws = Workspace(root, size, device_type, images, vae)
@@ -555,7 +575,7 @@ def run_e2e(rows: list, device_type: str, gpu_index: int | None, size: str, time
         for row in rows:
             start = time.time()
             script = e2e_rows.GROUPS[row.group].script
-            records.append(run_row(row, ws, time_limit_s, gpu_index, dict(env, **script_env.get(script, {}))))
+            records.append(run_row(row, ws, time_limit_s, gpu, dict(env, **script_env.get(script, {}))))
             add_ratios(records)
             r = records[-1]
             log(f'{row.name:<24s} {time.time() - start:6.1f} s  ' +

@@ -155,7 +155,6 @@ def run_e2e_mode(device, size, rows, time_limit, workdir, images, detector, vae,
         raise click.BadParameter(str(err).removeprefix('--rows: '), param_hint='--rows') from None
     size = size or ('full' if device.type == 'cuda' else 'tiny')
     time_limit = time_limit or (600 if device.type == 'cuda' else 300)
-    gpu_index = (device.index or 0) if device.type == 'cuda' else None
     meta = dict(mode='e2e', date=datetime.datetime.now().isoformat(timespec='seconds'), device=str(device),
                 device_name=device_name(device), torch=torch.__version__, cuda=torch.version.cuda, cpu_count=os.cpu_count(),
                 load_average=[round(x, 2) for x in os.getloadavg()] if hasattr(os, 'getloadavg') else None,
@@ -164,7 +163,7 @@ def run_e2e_mode(device, size, rows, time_limit, workdir, images, detector, vae,
     click.echo(f'{meta["device_name"]} ({device}), size {size}, {len(selected)} row(s), time limit {time_limit} s per command, '
                f'load average {meta["load_average"]}')
     out = out or e2e.default_out_path(device.type)
-    records = e2e.run_e2e(selected, device.type, gpu_index, size, time_limit, workdir, images, detector, vae, log=click.echo,
+    records = e2e.run_e2e(selected, device.type, device.index, size, time_limit, workdir, images, detector, vae, log=click.echo,
                           on_record=lambda partial: write_json(out, dict(meta=meta, results=partial)))
     click.echo(e2e.format_table(records, markdown=markdown))
     write_json(out, dict(meta=meta, results=records))

@@ -41,15 +41,18 @@ def test_tiny_cpu_rows_end_to_end(tmp_path):
 
 def test_failed_and_killed_rows_are_recorded_with_one_line(tmp_path):
     ws = e2e.Workspace(str(tmp_path), 'tiny', 'cpu', images=16, vae=None)
-    bad = e2e.run_row(e2e_rows.Row('bad', 'train', ('--lr=-1',)), ws, time_limit_s=120, gpu_index=None, env={})
+    bad = e2e.run_row(e2e_rows.Row('bad', 'train', ('--lr=-1',)), ws, time_limit_s=120, gpu=None, env={})
     assert not bad['ok'] and bad['error'].startswith('exit code 2: Error: ') and '--lr' in bad['error'] and '\n' not in bad['error']
-    slow = e2e.run_row(e2e_rows.Row('slow', 'train', ('--duration=1M',)), ws, time_limit_s=1, gpu_index=None, env={})
+    slow = e2e.run_row(e2e_rows.Row('slow', 'train', ('--duration=1M',)), ws, time_limit_s=1, gpu=None, env={})
     assert not slow['ok'] and slow['error'] == 'killed after the time limit of 1 s' and slow['wall_s'] < 60
     good = _record('good', 'train', 5.0, 100.0, ref=True, fp32=True)
     records = e2e.add_ratios([bad, slow, good])
     assert bad['vs_ref'] is None and good['vs_ref'] == 1.0
-    table = e2e.format_table(records)
-    assert 'bad' in table and 'failed' in table and 'killed after' in table
+    table = e2e.format_table(records).splitlines()
+    assert table[2].startswith('bad') and ' failed ' in table[2] and table[3].strip().startswith('error: exit code 2')
+    assert table[5].strip() == 'error: killed after the time limit of 1 s'
+    markdown = e2e.format_table(records, markdown=True).splitlines()
+    assert markdown[2].startswith('| bad | failed |') and markdown[2].endswith(' failed: ' + bad['error'] + ' |')
 
 
 def _record(name, group, ips, mem, ref=False, fp32=False, ok=True):
@@ -110,3 +113,13 @@ def test_row_selection_and_option_errors(tmp_path):
     result = runner.invoke(run.main, ['--mode=e2e', '--device=cpu', '--tasks=train', '--reps=2', f'--out={out}'])
     assert result.exit_code == 2 and '--tasks, --reps only apply to --mode=steps' in result.output
     assert not os.path.exists(out)
+
+
+def test_gpu_memory_is_read_for_the_gpu_the_scripts_see(monkeypatch):
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '3,GPU-abc')
+    assert e2e.physical_gpu(None) == '3' and e2e.physical_gpu(1) == 'GPU-abc'
+    monkeypatch.delenv('CUDA_VISIBLE_DEVICES')
+    assert e2e.physical_gpu(None) == '0' and e2e.physical_gpu(2) == '2'
+    monkeypatch.setenv('PATH', '')  # no nvidia-smi: the peak is unknown, not zero
+    poller = e2e.MemoryPoller(os.getpid(), '0', interval_s=0.1)
+    assert poller.kind == 'unavailable' and poller.stop() is None
