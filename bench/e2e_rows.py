@@ -40,7 +40,7 @@ class Group:
 # Sizes of the made-up inputs per --size: PNG dataset, EDM2 latents, VAE input images.
 DATA = {
     'full': dict(images=5000, resolution=32, latents=1024, latent_resolution=64, encode_images=256, encode_resolution=512),
-    'tiny': dict(images=64, resolution=32, latents=32, latent_resolution=64, encode_images=32, encode_resolution=64),
+    'tiny': dict(images=64, resolution=32, latents=32, latent_resolution=64, encode_images=64, encode_resolution=64),
 }
 
 # train.py: DDPM++ class-conditional CIFAR-10 (EDM config F); six status ticks, the first one holds the start-up.

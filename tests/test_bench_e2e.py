@@ -5,10 +5,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from bench import e2e, e2e_rows, run
+from bench import e2e, e2e_inputs, e2e_measure, e2e_rows, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +33,7 @@ def test_tiny_cpu_rows_end_to_end(tmp_path):
     assert train['command'].startswith('python train.py ') and '--arch=ddpmpp --cond=1' in train['command']
     assert train['vs_ref'] is None  # train-fp16 did not run
     assert train['startup_kind'] == 'first_status_line' and len(train['ticks']) == 3  # 48 images, a tick per 16
-    assert train['images_per_s'] == pytest.approx(e2e.steady_train_rate(train['ticks']))
+    assert train['images_per_s'] == pytest.approx(e2e_measure.steady_train_rate(train['ticks']))
     assert gen['command'].startswith('python generate.py --network=') and gen['vs_ref'] == 1.0
     assert gen['startup_kind'] == 'first_image' and gen['images'] == 8 and gen['batch'] == 4
     assert f'--network={tmp_path / "work" / "runs" / "train-fp32"}/network-snapshot-' in gen['command']  # reused
@@ -40,7 +41,7 @@ def test_tiny_cpu_rows_end_to_end(tmp_path):
 
 
 def test_failed_and_killed_rows_are_recorded_with_one_line(tmp_path):
-    ws = e2e.Workspace(str(tmp_path), 'tiny', 'cpu', images=16, vae=None)
+    ws = e2e_inputs.Workspace(str(tmp_path), 'tiny', 'cpu', images=16, vae=None)
     bad = e2e.run_row(e2e_rows.Row('bad', 'train', ('--lr=-1',)), ws, time_limit_s=120, gpu=None, env={})
     assert not bad['ok'] and bad['error'].startswith('exit code 2: Error: ') and '--lr' in bad['error'] and '\n' not in bad['error']
     slow = e2e.run_row(e2e_rows.Row('slow', 'train', ('--duration=1M',)), ws, time_limit_s=1, gpu=None, env={})
@@ -80,26 +81,28 @@ def test_ratios_are_taken_within_each_group():
 
 def test_steady_rates_leave_out_the_start():
     ticks = [dict(timestamp=100.0, kimg=1.0), dict(timestamp=102.0, kimg=2.0), dict(timestamp=104.0, kimg=3.0)]
-    assert e2e.steady_train_rate(ticks) == 500.0  # 2000 images in 4 s after the first tick
+    assert e2e_measure.steady_train_rate(ticks) == 500.0  # 2000 images in 4 s after the first tick
     with pytest.raises(RuntimeError, match='1 status tick'):
-        e2e.steady_train_rate(ticks[:1])
+        e2e_measure.steady_train_rate(ticks[:1])
     mtimes = [10.0] * 4 + [12.0] * 4 + [14.0] * 4  # three batches of 4
-    assert e2e.steady_image_rate(mtimes, 4) == 2.0  # 8 images in the 4 s after the first batch
+    assert e2e_measure.steady_image_rate(mtimes, 4) == 2.0  # 8 images in the 4 s after the first batch
     with pytest.raises(RuntimeError, match='more than one batch'):
-        e2e.steady_image_rate(mtimes[:4], 4)
+        e2e_measure.steady_image_rate(mtimes[:4], 4)
     segments = [(1.0, 'CPU threads: 1'), (2.0, '  0%|          | 0/8 [00:00<?, ?batch/s]'),
                 (3.0, ' 25%|##        | 2/8 [00:01<00:03, 2.00batch/s]'), (5.0, '100%|##########| 8/8 [00:03<00:00, 2.7batch/s]'),
                 (5.1, '100%|##########| 8/8 [00:03<00:00, 2.7batch/s]')]
-    points = e2e.progress_points(segments)
+    points = e2e_measure.progress_points(segments)
     assert [(t, n, total, unit) for t, n, total, unit in points] == [(2.0, 0, 8, 'batch'), (3.0, 2, 8, 'batch'), (5.0, 8, 8, 'batch')]
-    rate, first = e2e.steady_progress_rate(points, images_per_unit=10, num_images=75)
+    rate, first = e2e_measure.steady_progress_rate(points, images_per_unit=10, num_images=75)
     assert first == 3.0 and rate == (75 - 20) / 2.0  # the last batch is partial: 75 images, not 80
+    with pytest.raises(RuntimeError, match='too little to time'):  # all counts shown at once: no rate
+        e2e_measure.steady_progress_rate([(3.0, 2, 8, 'batch'), (3.01, 8, 8, 'batch')], 10, None)
 
 
 def test_row_selection_and_option_errors(tmp_path):
     assert [r.name for r in e2e.select_rows('gen-fp32,train-fp1*')] == ['train-fp16', 'train-fp16-compile', 'gen-fp32']
     assert e2e.select_rows(None) == e2e_rows.ROWS
-    assert e2e.flag_value(['--batch=8', '--batch', '16'], '--batch') == '16'
+    assert e2e_inputs.flag_value(['--batch=8', '--batch', '16'], '--batch') == '16'
     names = [r.name for r in e2e_rows.ROWS]
     assert len(set(names)) == len(names) and all(r.group in e2e_rows.GROUPS for r in e2e_rows.ROWS)
     for group in e2e_rows.GROUPS:  # one reference row and one fp32 row per group
@@ -117,9 +120,21 @@ def test_row_selection_and_option_errors(tmp_path):
 
 def test_gpu_memory_is_read_for_the_gpu_the_scripts_see(monkeypatch):
     monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '3,GPU-abc')
-    assert e2e.physical_gpu(None) == '3' and e2e.physical_gpu(1) == 'GPU-abc'
+    assert e2e_measure.physical_gpu(None) == '3' and e2e_measure.physical_gpu(1) == 'GPU-abc'
     monkeypatch.delenv('CUDA_VISIBLE_DEVICES')
-    assert e2e.physical_gpu(None) == '0' and e2e.physical_gpu(2) == '2'
+    assert e2e_measure.physical_gpu(None) == '0' and e2e_measure.physical_gpu(2) == '2'
     monkeypatch.setenv('PATH', '')  # no nvidia-smi: the peak is unknown, not zero
-    poller = e2e.MemoryPoller(os.getpid(), '0', interval_s=0.1)
+    poller = e2e_measure.MemoryPoller(os.getpid(), '0', interval_s=0.1)
     assert poller.kind == 'unavailable' and poller.stop() is None
+
+
+def test_made_inputs_are_what_the_scripts_read(tmp_path):
+    from training import dataset, metrics
+    latents = dataset.ImageFolderDataset(path=e2e_inputs.make_latent_dataset(str(tmp_path / 'latents.zip'), 3, 8),
+                                         use_labels=True)
+    image, label = latents[2]
+    assert len(latents) == 3 and image.shape == (8, 8, 8) and image.dtype == 'float32' and latents.label_dim == 1000
+    assert (image[4:] > 0).all() and label.argmax() == 999  # std channels positive; labels 0, 500, 999
+    ref = metrics.load_stats(e2e_inputs.make_fid_ref(str(tmp_path / 'ref.npz'), dim=16))
+    assert ref['fid']['mu'].shape == (16,) and (ref['fid']['sigma'] == np.eye(16)).all()
+    assert sorted(os.listdir(tmp_path)) == ['latents.zip', 'ref.npz']  # no temporary files left
