@@ -174,6 +174,12 @@ def steady_train_rate(ticks: list[dict]) -> float:
     return (last['kimg'] - first['kimg']) * 1e3 / (last['timestamp'] - first['timestamp'])
 
 
+def fixed_startup(startup_s: float | None, images_before: float, images_per_s: float) -> float | None:
+    """The start-up less the time the images done by then take at the steady rate: the fixed cost
+    (imports, set-up, compilation), comparable across status intervals and batch sizes."""
+    return None if startup_s is None else startup_s - images_before / images_per_s
+
+
 def measure_train(run: dict, outdir: str, on_cuda: bool) -> dict:
     """Steady img/s from stats.jsonl, time to the first status line on stdout, peak memory."""
     stats = os.path.join(outdir, 'stats.jsonl')
@@ -181,7 +187,9 @@ def measure_train(run: dict, outdir: str, on_cuda: bool) -> dict:
         raise RuntimeError('train.py wrote no stats.jsonl')
     ticks = read_ticks(stats)
     first = next((t for t, line in run['stdout'] if line.startswith(STATUS_PREFIX)), None)
-    result = dict(images_per_s=steady_train_rate(ticks), startup_s=first, startup_kind='first_status_line', ticks=ticks,
+    rate = steady_train_rate(ticks)
+    result = dict(images_per_s=rate, startup_s=first, startup_kind='first_status_line',
+                  startup_fixed_s=fixed_startup(first, ticks[0]['kimg'] * 1e3, rate), ticks=ticks,
                   images_per_s_train_only=1e3 / float(np.median([t['sec_per_kimg'] for t in ticks[1:]])))
     if on_cuda:  # what the script itself reports: torch.cuda.max_memory_allocated over each tick
         result.update(peak_mem_mb=max(t['peak_gpu_mem_gb'] for t in ticks) * 1024, peak_mem_kind='torch_max_allocated',
@@ -204,8 +212,9 @@ def measure_images(run: dict, outdir: str, args: list[str]) -> dict:
     """Steady img/s and time to the first image from the mtimes of the PNGs generate.py wrote."""
     mtimes = [os.path.getmtime(os.path.join(d, n)) for d, _, names in os.walk(outdir) for n in names if n.endswith('.png')]
     batch = int(flag_value(args, '--batch'))
-    return dict(images_per_s=steady_image_rate(mtimes, batch), startup_s=min(mtimes) - run['start_wall'],
-                startup_kind='first_image', images=len(mtimes), batch=batch)
+    rate, first = steady_image_rate(mtimes, batch), min(mtimes) - run['start_wall']
+    return dict(images_per_s=rate, startup_s=first, startup_kind='first_image',
+                startup_fixed_s=fixed_startup(first, min(batch, len(mtimes)), rate), images=len(mtimes), batch=batch)
 
 
 _TQDM = re.compile(r'(\d+)/(\d+) \[[^\]]*?(?:\?|[\d.]+)\s*([A-Za-z]+)/s')
@@ -225,15 +234,15 @@ def progress_points(segments: list[tuple[float, str]]) -> list[tuple[float, int,
     return points
 
 
-def steady_progress_rate(points: list, images_per_unit: int, num_images: int | None) -> tuple[float, float]:
-    """(img/s between the first shown count above zero and the last, seconds to that first count):
-    start-up and the first batch are excluded from the rate."""
+def steady_progress_rate(points: list, images_per_unit: int, num_images: int | None) -> tuple[float, float, int]:
+    """(img/s between the first shown count above zero and the last, seconds to that first count, images
+    done by then): start-up and the first batch are excluded from the rate."""
     done = [(t, min(n * images_per_unit, num_images or n * images_per_unit)) for t, n, _, _ in points if n > 0]
     if len(done) < 2 or done[-1][0] - done[0][0] < MIN_PROGRESS_SPAN_S:
         span = done[-1][0] - done[0][0] if done else 0.0
         raise RuntimeError(f'{len(done)} progress count(s) above zero over {span:.2f} s; too little to time '
                            f'(need {MIN_PROGRESS_SPAN_S} s or more); use more images')
-    return (done[-1][1] - done[0][1]) / (done[-1][0] - done[0][0]), done[0][0]
+    return (done[-1][1] - done[0][1]) / (done[-1][0] - done[0][0]), done[0][0], done[0][1]
 
 
 def measure_progress(run: dict, args: list[str]) -> dict:
@@ -242,8 +251,11 @@ def measure_progress(run: dict, args: list[str]) -> dict:
     if not points:
         raise RuntimeError('no progress bar on stderr')
     unit = points[-1][3]
-    batch = int(flag_value(args, '--batch') or 1) if unit == 'batch' else 1
+    if unit == 'batch' and flag_value(args, '--batch') is None:
+        raise RuntimeError('the progress bar counts batches; give the row an explicit --batch')
+    batch = int(flag_value(args, '--batch')) if unit == 'batch' else 1
     num = flag_value(args, '--num') or flag_value(args, '--max-images')
-    rate, first = steady_progress_rate(points, batch, int(num) if num else None)
-    return dict(images_per_s=rate, startup_s=first, startup_kind='first_progress_count', progress_unit=unit,
+    rate, first, images_before = steady_progress_rate(points, batch, int(num) if num else None)
+    return dict(images_per_s=rate, startup_s=first, startup_kind='first_progress_count',
+                startup_fixed_s=fixed_startup(first, images_before, rate), progress_unit=unit,
                 progress=[dict(seconds=t, done=n, total=total) for t, n, total, _ in points])

@@ -34,6 +34,8 @@ def test_tiny_cpu_rows_end_to_end(tmp_path):
     assert train['vs_ref'] is None  # train-fp16 did not run
     assert train['startup_kind'] == 'first_status_line' and len(train['ticks']) == 3  # 48 images, a tick per 16
     assert train['images_per_s'] == pytest.approx(e2e_measure.steady_train_rate(train['ticks']))
+    assert train['startup_fixed_s'] == pytest.approx(train['startup_s'] - 16 / train['images_per_s'])  # first tick: 16 images
+    assert gen['startup_fixed_s'] == pytest.approx(gen['startup_s'] - 4 / gen['images_per_s'])  # first batch: 4 images
     assert gen['command'].startswith('python generate.py --network=') and gen['vs_ref'] == 1.0
     assert gen['startup_kind'] == 'first_image' and gen['images'] == 8 and gen['batch'] == 4
     assert f'--network={tmp_path / "work" / "runs" / "train-fp32"}/network-snapshot-' in gen['command']  # reused
@@ -93,8 +95,9 @@ def test_steady_rates_leave_out_the_start():
                 (5.1, '100%|##########| 8/8 [00:03<00:00, 2.7batch/s]')]
     points = e2e_measure.progress_points(segments)
     assert [(t, n, total, unit) for t, n, total, unit in points] == [(2.0, 0, 8, 'batch'), (3.0, 2, 8, 'batch'), (5.0, 8, 8, 'batch')]
-    rate, first = e2e_measure.steady_progress_rate(points, images_per_unit=10, num_images=75)
-    assert first == 3.0 and rate == (75 - 20) / 2.0  # the last batch is partial: 75 images, not 80
+    rate, first, images_before = e2e_measure.steady_progress_rate(points, images_per_unit=10, num_images=75)
+    assert first == 3.0 and images_before == 20 and rate == (75 - 20) / 2.0  # the last batch is partial: 75, not 80
+    assert e2e_measure.fixed_startup(first, images_before, rate) == pytest.approx(3.0 - 20 / 27.5)
     with pytest.raises(RuntimeError, match='too little to time'):  # all counts shown at once: no rate
         e2e_measure.steady_progress_rate([(3.0, 2, 8, 'batch'), (3.01, 8, 8, 'batch')], 10, None)
 
