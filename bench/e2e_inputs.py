@@ -63,8 +63,9 @@ def make_image_dataset(dest: str, count: int, resolution: int, classes: int = 10
     """A labelled PNG dataset zip made by `dataset_tool.py convert` from random images."""
     with tempfile.TemporaryDirectory(dir=os.path.dirname(dest)) as src:
         _write_png_folder(src, count, resolution, classes, seed)
+        workers = ['--workers=1'] if count < 1000 else []  # a pool of one process per core pays off only for many images
         proc = subprocess.run([sys.executable, os.path.join(ROOT, 'dataset_tool.py'), 'convert', f'--source={src}',
-                               f'--dest={dest}', '--workers=1', '--force'], cwd=ROOT, capture_output=True, text=True)
+                               f'--dest={dest}', '--force'] + workers, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f'dataset_tool.py convert failed: {last_line(proc.stderr)}')
     return dest

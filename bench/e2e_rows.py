@@ -52,10 +52,10 @@ _EDM2 = ('--preset=edm2-img512-s', '--data={latents}', '--outdir={outdir}', '--d
 
 GROUPS = {
     'train': Group('train.py', 'train', dict(
-        full=_DDPMPP + ('--batch=512', '--status=10Ki', '--duration=60Ki'),
+        full=_DDPMPP + ('--batch=512', '--status=5Ki', '--duration=30Ki'),
         tiny=_DDPMPP + ('--batch=8', '--cbase=16', '--cres=1,2', '--workers=0', '--status=16', '--duration=0.048k'))),
     'edm2': Group('train.py', 'train', dict(
-        full=_EDM2 + ('--batch=256', '--batch-gpu=32', '--status=2560', '--duration=15360'),
+        full=_EDM2 + ('--batch=256', '--batch-gpu=32', '--status=1280', '--duration=7680'),
         tiny=_EDM2 + ('--batch=8', '--cbase=16', '--cres=1,2', '--workers=0', '--status=16', '--duration=64'))),
     'generate': Group('generate.py', 'images', dict(
         full=('--network={network}', '--outdir={outdir}', '--seeds=0-4095', '--batch=512', '--steps=18', '--device={device}'),
@@ -72,6 +72,7 @@ ROWS = [
     Row('train-fp16',               'train',    ('--fp16=1',), ref=True),
     Row('train-fp32',               'train',    (), fp32=True),
     Row('train-bf16',               'train',    ('--bf16=1',)),
+    Row('train-cl',                 'train',    ('--channels-last=1',)),
     Row('train-bf16-cl',            'train',    ('--bf16=1', '--channels-last=1')),
     Row('train-fp16-compile',       'train',    ('--fp16=1', '--compile')),
     Row('train-fp32-compile',       'train',    ('--compile',)),
