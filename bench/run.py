@@ -16,6 +16,8 @@ import gc
 import json
 import os
 import platform
+import shlex
+import sys
 import time
 
 import click
@@ -155,7 +157,8 @@ def run_e2e_mode(device, size, rows, time_limit, workdir, images, detector, vae,
         raise click.BadParameter(str(err).removeprefix('--rows: '), param_hint='--rows') from None
     size = size or ('full' if device.type == 'cuda' else 'tiny')
     time_limit = time_limit or (600 if device.type == 'cuda' else 300)
-    meta = dict(mode='e2e', date=datetime.datetime.now().isoformat(timespec='seconds'), device=str(device),
+    meta = dict(mode='e2e', command=shlex.join(['python', '-m', 'bench'] + sys.argv[1:]),
+                date=datetime.datetime.now().isoformat(timespec='seconds'), device=str(device),
                 device_name=device_name(device), torch=torch.__version__, cuda=torch.version.cuda, cpu_count=os.cpu_count(),
                 load_average=[round(x, 2) for x in os.getloadavg()] if hasattr(os, 'getloadavg') else None,
                 git_commit=e2e.git_commit(), size=size, data=dict(e2e_rows.DATA[size], **({} if images is None else dict(images=images))),

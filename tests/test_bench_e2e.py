@@ -24,6 +24,8 @@ def test_tiny_cpu_rows_end_to_end(tmp_path):
     meta = data['meta']
     assert meta['mode'] == 'e2e' and meta['device'] == 'cpu' and meta['size'] == 'tiny'
     assert meta['rows'] == ['train-fp32', 'gen-fp32'] and meta['time_limit_s'] == 200 and meta['torch']
+    assert meta['command'].startswith('python -m bench --mode=e2e --device=cpu --rows=train-fp32,gen-fp32 ')
+    assert meta['date'] and len(meta['load_average']) == 3 and 'git_commit' in meta  # None outside a git checkout
     train, gen = data['results']
     for record in (train, gen):
         assert record['ok'] and 'error' not in record, record
