@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -143,3 +144,29 @@ def test_made_inputs_are_what_the_scripts_read(tmp_path):
     ref = metrics.load_stats(e2e_inputs.make_fid_ref(str(tmp_path / 'ref.npz'), dim=16))
     assert ref['fid']['mu'].shape == (16,) and (ref['fid']['sigma'] == np.eye(16)).all()
     assert sorted(os.listdir(tmp_path)) == ['latents.zip', 'ref.npz']  # no temporary files left
+
+
+def test_cuda_memory_paths_with_a_stand_in_nvidia_smi(tmp_path, monkeypatch):
+    # The GPU branches on a CPU machine: nvidia-smi is a script printing the number in used.txt.
+    used = tmp_path / 'used.txt'
+    used.write_text('1000\n')
+    tool = tmp_path / 'nvidia-smi'
+    tool.write_text(f'#!/bin/sh\ncat {used}\n')
+    tool.chmod(0o755)
+    monkeypatch.setenv('PATH', f'{tmp_path}:{os.environ["PATH"]}')
+    poller = e2e_measure.MemoryPoller(os.getpid(), '0', interval_s=0.02)
+    used.write_text('3500\n')
+    time.sleep(0.5)
+    used.write_text('1200\n')
+    time.sleep(0.2)
+    assert poller.kind == 'nvidia_smi_delta' and poller.stop() == 2500  # above the level before the start
+    # train.py on CUDA: its own peak (max over ticks) is the row's figure; EDM2 stats lines hold plain means.
+    lines = [dict(timestamp=10.0 + 2 * i, **{'Progress/kimg': 1.0 + i, 'Timing/sec_per_kimg': 1.5 + i,
+                                             'Resources/peak_gpu_mem_gb': [2.0, 3.0, 2.5][i]}) for i in range(3)]
+    (tmp_path / 'stats.jsonl').write_text(''.join(json.dumps(line) + '\n' for line in lines))
+    run_info = dict(stdout=[(4.0, 'Training ...'), (12.5, 'Status: kimg 1.0 ...')], peak_mem_mb=4000.0,
+                    peak_mem_kind='nvidia_smi_delta')
+    result = e2e_measure.measure_train(run_info, str(tmp_path), on_cuda=True)
+    assert result['images_per_s'] == 500.0 and result['startup_s'] == 12.5 and result['startup_fixed_s'] == 10.5
+    assert result['peak_mem_mb'] == 3 * 1024 and result['peak_mem_kind'] == 'torch_max_allocated'
+    assert result['peak_mem_polled_mb'] == 4000.0 and result['images_per_s_train_only'] == 1e3 / 3.0  # median of 2.5, 3.5
