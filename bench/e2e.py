@@ -74,8 +74,10 @@ def run_row(row, ws: Workspace, time_limit_s: float, gpu: str | None, env: dict)
             record.update(measure_images(run, outdir, args))
         else:
             record.update(measure_progress(run, args))
-    except (RuntimeError, OSError, ValueError, KeyError) as err:
+    except (RuntimeError, OSError, ValueError) as err:
         return dict(record, error=str(err))
+    except Exception as err:  # a harness bug or an unforeseen output must not stop the other rows
+        return dict(record, error=f'{type(err).__name__}: {err}')
     record['ok'] = True
     return record
 
@@ -157,7 +159,7 @@ def run_e2e(rows: list, device_type: str, gpu_index: int | None, size: str, time
     env = {} if gpu_index is None else dict(CUDA_VISIBLE_DEVICES=gpu)
     script_env = {} if detector is None else {'fid.py': dict(EDM_FID_DETECTOR=detector)}
     root = workdir or tempfile.mkdtemp(prefix='bench-e2e-')
-    ws = Workspace(root, size, device_type, images, vae)
+    ws = Workspace(root, size, device_type, images, vae, time_limit_s)
     records = []
     try:
         for row in rows:

@@ -59,13 +59,15 @@ def _write_png_folder(folder: str, count: int, resolution: int, classes: int, se
         json.dump(dict(labels=labels), f)
 
 
-def make_image_dataset(dest: str, count: int, resolution: int, classes: int = 10, seed: int = 0) -> str:
+def make_image_dataset(dest: str, count: int, resolution: int, timeout_s: float = 600, classes: int = 10,
+                       seed: int = 0) -> str:
     """A labelled PNG dataset zip made by `dataset_tool.py convert` from random images."""
     with tempfile.TemporaryDirectory(dir=os.path.dirname(dest)) as src:
         _write_png_folder(src, count, resolution, classes, seed)
         workers = ['--workers=1'] if count < 1000 else []  # a pool of one process per core pays off only for many images
         proc = subprocess.run([sys.executable, os.path.join(ROOT, 'dataset_tool.py'), 'convert', f'--source={src}',
-                               f'--dest={dest}', '--force'] + workers, cwd=ROOT, capture_output=True, text=True)
+                               f'--dest={dest}', '--force'] + workers, cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f'dataset_tool.py convert failed: {last_line(proc.stderr)}')
     return dest
@@ -124,8 +126,9 @@ class Workspace:
         device:   str,              # What the scripts get as --device: 'cpu' or 'cuda'.
         images:   int | None,       # PNG dataset size; None = e2e_rows.DATA[size]['images'].
         vae:      str | None,       # VAE name or diffusers folder for the encode rows; None = random one made here.
+        timeout_s: float = 600,     # Limit of each command that makes an input.
     ):
-        self.root, self.size, self.device, self.vae = root, size, device, vae
+        self.root, self.size, self.device, self.vae, self.timeout_s = root, size, device, vae, timeout_s
         self.data = dict(e2e_rows.DATA[size], **({} if images is None else dict(images=images)))
         self._made, self._failed = {}, {}
         os.makedirs(root, exist_ok=True)
@@ -137,7 +140,7 @@ class Workspace:
         if key not in self._made:
             try:
                 self._made[key] = fn(*args)
-            except (RuntimeError, OSError, ValueError) as err:
+            except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as err:
                 self._failed[key] = f'making {key} failed: {err}'
                 raise RuntimeError(self._failed[key]) from None
         return self._made[key]
@@ -150,10 +153,11 @@ class Workspace:
         d, size = self.data, self.size
         if key == 'data':
             path = os.path.join(self.root, f'data-{d["resolution"]}px-{d["images"]}.zip')
-            return self._make(key, self._existing, path, make_image_dataset, d['images'], d['resolution'])
+            return self._make(key, self._existing, path, make_image_dataset, d['images'], d['resolution'], self.timeout_s)
         if key == 'encode_data':
             path = os.path.join(self.root, f'data-{d["encode_resolution"]}px-{d["encode_images"]}.zip')
-            return self._make(key, self._existing, path, make_image_dataset, d['encode_images'], d['encode_resolution'])
+            return self._make(key, self._existing, path, make_image_dataset, d['encode_images'], d['encode_resolution'],
+                              self.timeout_s)
         if key == 'latents':
             path = os.path.join(self.root, f'latents-{d["latent_resolution"]}px-{d["latents"]}.zip')
             return self._make(key, self._existing, path, make_latent_dataset, d['latents'], d['latent_resolution'])
@@ -182,7 +186,7 @@ class Workspace:
             args = self.fill(e2e_rows.GROUPS['train'].base[self.size], folder)
             batch = int(flag_value(args, '--batch'))
             argv = [sys.executable, 'train.py'] + args + [f'--duration={batch / 1000}k', '--workers=0']
-            proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+            proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=self.timeout_s)
             found = sorted(n for n in os.listdir(folder) if n.startswith('network-snapshot-')) if os.path.isdir(folder) else []
             if proc.returncode != 0 or not found:
                 raise RuntimeError(f'train.py for the snapshot failed: {last_line(proc.stderr) or last_line(proc.stdout)}')
