@@ -1,6 +1,7 @@
 """python -m bench: reference vs fast numerics, side by side, for training, sampling, FID and encoding.
 
     python -m bench                                   # auto device; full sizes on CUDA, tiny on CPU
+    python -m bench --mode=e2e --rows='train-*'       # the user's scripts end to end (bench/e2e.py)
     python -m bench --device cpu --size tiny --reps 3
     python -m bench --device cuda --tasks train --nets ddpmpp-cifar10,edm2-s --peak-tflops 989
     python -m bench --device cpu --quick --reps 1     # smoke test: smallest nets, 3 sampler steps
@@ -15,13 +16,16 @@ import gc
 import json
 import os
 import platform
+import shlex
+import sys
 import time
 
 import click
 import torch
+from click.core import ParameterSource
 
 import dnnlib
-from bench import cases, configs, timing
+from bench import cases, configs, e2e, e2e_rows, timing
 from bench.fastpaths import make_variants
 from torch_utils import misc
 
@@ -145,7 +149,47 @@ def _parse_list(value: str | None, choices: tuple, flag: str) -> list[str]:
     return items
 
 
+def run_e2e_mode(device, size, rows, time_limit, workdir, images, detector, vae, markdown, out) -> None:
+    """--mode=e2e: the rows of bench/e2e_rows.py as subprocesses; table on stdout, JSON in `out`."""
+    try:
+        selected = e2e.select_rows(rows)
+    except ValueError as err:
+        raise click.BadParameter(str(err).removeprefix('--rows: '), param_hint='--rows') from None
+    size = size or ('full' if device.type == 'cuda' else 'tiny')
+    time_limit = time_limit or (600 if device.type == 'cuda' else 300)
+    meta = dict(mode='e2e', command=shlex.join(['python', '-m', 'bench'] + sys.argv[1:]),
+                date=datetime.datetime.now().isoformat(timespec='seconds'), device=str(device),
+                device_name=device_name(device), torch=torch.__version__, cuda=torch.version.cuda, cpu_count=os.cpu_count(),
+                load_average=[round(x, 2) for x in os.getloadavg()] if hasattr(os, 'getloadavg') else None,
+                git_commit=e2e.git_commit(), size=size, data=dict(e2e_rows.DATA[size], **({} if images is None else dict(images=images))),
+                time_limit_s=time_limit, rows=[r.name for r in selected])
+    click.echo(f'{meta["device_name"]} ({device}), size {size}, {len(selected)} row(s), time limit {time_limit} s per command, '
+               f'load average {meta["load_average"]}')
+    out = out or e2e.default_out_path(device.type)
+    records = e2e.run_e2e(selected, device.type, device.index, size, time_limit, workdir, images, detector, vae, log=click.echo,
+                          on_record=lambda partial: write_json(out, dict(meta=meta, results=partial)))
+    click.echo(e2e.format_table(records, markdown=markdown))
+    write_json(out, dict(meta=meta, results=records))
+    click.echo(f'Wrote {out}')
+
+
+STEPS_ONLY = ('quick', 'tasks', 'nets', 'train_batch', 'reps', 'warmup', 'compile_', 'peak_tflops', 'threads')
+E2E_ONLY = ('rows', 'time_limit', 'workdir', 'images')
+
+
+def check_mode_options(mode: str) -> None:
+    """Options of the other mode, given on the command line, are an error rather than silently ignored."""
+    ctx = click.get_current_context()
+    wrong = E2E_ONLY if mode == 'steps' else STEPS_ONLY
+    given = [p for p in ctx.command.params if p.name in wrong and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+    if given:
+        flags = ', '.join(p.opts[0] for p in given)
+        raise click.BadParameter(f'{flags} only apply to --mode={"e2e" if mode == "steps" else "steps"}', param_hint='--mode')
+
+
 @click.command()
+@click.option('--mode', help='steps: isolated steps, reference vs fast numerics; e2e: the user scripts end to end',
+              type=click.Choice(['steps', 'e2e']), default='steps', show_default=True)
 @click.option('--device', help='auto | cpu | cuda | cuda:N | mps', type=str, default='auto', show_default=True)
 @click.option('--size', help='Network sizes [default: full on CUDA, tiny elsewhere]', type=click.Choice(['tiny', 'full']))
 @click.option('--quick', help='Smoke test: smallest nets, 3 sampler steps, no warm-up unless --warmup', is_flag=True)
@@ -160,11 +204,20 @@ def _parse_list(value: str | None, choices: tuple, flag: str) -> list[str]:
 @click.option('--detector', help='Inception-v3 FID detector file [default: training/detectors.py lookup]', type=str)
 @click.option('--vae', help='Real VAE (name or diffusers folder) [default: random init of the SD architecture]', type=str)
 @click.option('--markdown', help='Print the table as Markdown', is_flag=True)
-@click.option('--out', help='JSON output path [default: bench/results/<device>-<date>.json]', type=click.Path(dir_okay=False))
+@click.option('--out', help='JSON output path [default: bench/results/[e2e-]<device>-<date>.json]', type=click.Path(dir_okay=False))
+@click.option('--rows', help='e2e: comma list of row names or globs, e.g. train-*,gen-fp32 [default: all of bench/e2e_rows.py]', type=str)
+@click.option('--time-limit', help='e2e: seconds before a command is killed [default: 600 on CUDA, 300 elsewhere]', type=click.FloatRange(min=1))
+@click.option('--workdir', help='e2e: keep the made-up datasets and snapshot here, reuse them next time [default: a temporary folder]', type=click.Path(file_okay=False))
+@click.option('--images', help='e2e: images in the made-up PNG dataset [default: 5000 full, 64 tiny]', type=click.IntRange(min=2))
 @dnnlib.util.cli_errors
-def main(device, size, quick, tasks, nets, train_batch, reps, warmup, compile_, peak_tflops, threads, detector, vae, markdown, out):
-    """Benchmark reference vs fast numerics of training, sampling, FID features and latent encoding."""
+def main(mode, device, size, quick, tasks, nets, train_batch, reps, warmup, compile_, peak_tflops, threads, detector, vae, markdown, out,
+         rows, time_limit, workdir, images):
+    """Benchmark reference vs fast numerics of training, sampling, FID features and latent encoding,
+    or (--mode=e2e) the user's scripts end to end."""
+    check_mode_options(mode)
     device = misc.choose_device(device)
+    if mode == 'e2e':
+        return run_e2e_mode(device, size, rows, time_limit, workdir, images, detector, vae, markdown, out)
     size = 'quick' if quick else size or ('full' if device.type == 'cuda' else 'tiny')
     warmup = warmup if warmup is not None else (0 if quick else 2)
     compile_ = compile_ if compile_ is not None else device.type == 'cuda'

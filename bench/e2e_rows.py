@@ -1,0 +1,92 @@
+"""Rows of `python -m bench --mode=e2e`: which user script runs, with which flags, at which size.
+
+A row is one command line. Its group names the script, the measurement and the base arguments
+(per --size); the row adds the flags under test. Adding a row is one line in ROWS, e.g.
+
+    Row('train-fast', 'train', ('--fast=1',)),
+
+Placeholders in braces are filled by bench/e2e.py: {device} (cpu or cuda), {outdir} (a fresh
+folder per row), {data} (PNG dataset zip) and {images} (its size), {latents} (EDM2 raw-latent zip),
+{network} (the last snapshot of this run's fp32 'train' row, else one made by a one-batch train.py
+run), {encode_data} (larger images for the VAE), {vae} (a diffusers folder) and {ref} (FID
+reference statistics). Within a group, `ref` marks the reference code's fastest path (EDM
+--fp16=1, EDM2 fp16, one-image-at-a-time encoding) and `fp32` the plain fp32 path; every row of the
+group reports its img/s as a ratio to both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One benchmarked command line."""
+    name:   str                     # Selected with --rows (globs allowed).
+    group:  str                     # Key of GROUPS: script, measurement and base arguments.
+    args:   tuple[str, ...] = ()    # Flags under test, appended to the group's base arguments.
+    ref:    bool = False            # The reference code's fastest path of this group (ratio denominator).
+    fp32:   bool = False            # The fp32 path of this group (second ratio denominator).
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """What the rows of one group run and how they are measured."""
+    script:  str                         # Script in the repository root.
+    measure: str                         # 'train' (stats.jsonl ticks), 'images' (PNG mtimes) or 'progress' (tqdm counts on stderr).
+    base:    dict[str, tuple[str, ...]]  # Base arguments per --size.
+
+
+# Sizes of the made-up inputs per --size: PNG dataset, EDM2 latents, VAE input images.
+DATA = {
+    'full': dict(images=5000, resolution=32, latents=1024, latent_resolution=64, encode_images=256, encode_resolution=512),
+    'tiny': dict(images=64, resolution=32, latents=32, latent_resolution=64, encode_images=64, encode_resolution=64),
+}
+
+# train.py: DDPM++ class-conditional CIFAR-10 (EDM config F); six status ticks, the first one holds the start-up.
+_DDPMPP = ('--data={data}', '--outdir={outdir}', '--nosubdir', '--arch=ddpmpp', '--cond=1', '--device={device}',
+           '--snapshot=1G', '--checkpoint=1G', '--seed=0')
+# train.py: EDM2-S on 64x64x4 latents (ImageNet-512), batch 256 in rounds of 32.
+_EDM2 = ('--preset=edm2-img512-s', '--data={latents}', '--outdir={outdir}', '--device={device}',
+         '--snapshot=1G', '--checkpoint=1G', '--seed=0')
+
+GROUPS = {
+    'train': Group('train.py', 'train', dict(
+        full=_DDPMPP + ('--batch=512', '--status=5Ki', '--duration=30Ki'),
+        tiny=_DDPMPP + ('--batch=8', '--cbase=16', '--cres=1,2', '--workers=0', '--status=16', '--duration=0.048k'))),
+    'edm2': Group('train.py', 'train', dict(
+        full=_EDM2 + ('--batch=256', '--batch-gpu=32', '--status=1280', '--duration=7680'),
+        tiny=_EDM2 + ('--batch=8', '--cbase=16', '--cres=1,2', '--workers=0', '--status=16', '--duration=64'))),
+    'generate': Group('generate.py', 'images', dict(
+        full=('--network={network}', '--outdir={outdir}', '--seeds=0-4095', '--batch=512', '--steps=18', '--device={device}'),
+        tiny=('--network={network}', '--outdir={outdir}', '--seeds=0-7', '--batch=4', '--steps=6', '--device={device}'))),
+    'fid': Group('fid.py', 'progress', dict(
+        full=('calc', '--images={data}', '--ref={ref}', '--num={images}', '--batch=256', '--device={device}'),
+        tiny=('calc', '--images={data}', '--ref={ref}', '--num={images}', '--batch=8', '--workers=0', '--device={device}'))),
+    'encode': Group('dataset_tool.py', 'progress', dict(
+        full=('encode', '--model={vae}', '--source={encode_data}', '--dest={outdir}', '--device={device}'),
+        tiny=('encode', '--model={vae}', '--source={encode_data}', '--dest={outdir}', '--workers=0', '--device={device}'))),
+}
+
+ROWS = [
+    Row('train-fp16',               'train',    ('--fp16=1',), ref=True),
+    Row('train-fp32',               'train',    (), fp32=True),
+    Row('train-bf16',               'train',    ('--bf16=1',)),
+    Row('train-cl',                 'train',    ('--channels-last=1',)),
+    Row('train-bf16-cl',            'train',    ('--bf16=1', '--channels-last=1')),
+    Row('train-fp16-compile',       'train',    ('--fp16=1', '--compile')),
+    Row('train-fp32-compile',       'train',    ('--compile',)),
+    Row('train-bf16-compile',       'train',    ('--bf16=1', '--compile')),
+    Row('train-bf16-cl-compile',    'train',    ('--bf16=1', '--channels-last=1', '--compile')),
+    Row('edm2-fp16',                'edm2',     ('--fp16=1',), ref=True),
+    Row('edm2-fp32',                'edm2',     ('--fp16=0',), fp32=True),
+    Row('edm2-bf16',                'edm2',     ('--fp16=0', '--bf16=1')),
+    Row('edm2-bf16-compile',        'edm2',     ('--fp16=0', '--bf16=1', '--compile')),
+    Row('gen-fp32',                 'generate', (), ref=True, fp32=True),  # EDM's CIFAR-10 models sample in fp32
+    Row('gen-bf16',                 'generate', ('--precision=bf16',)),
+    Row('gen-bf16-cl',              'generate', ('--precision=bf16', '--channels-last')),
+    Row('fid-calc',                 'fid',      (), ref=True, fp32=True),
+    Row('encode-b1',                'encode',   ('--batch=1',), ref=True, fp32=True),  # the reference's one image per VAE call
+    Row('encode-b8',                'encode',   ('--batch=8',)),
+    Row('encode-b32-bf16',          'encode',   ('--batch=32', '--precision=bf16')),
+]
