@@ -78,6 +78,8 @@ ROWS = [
     Row('train-fp32-compile',       'train',    ('--compile',)),
     Row('train-bf16-compile',       'train',    ('--bf16=1', '--compile')),
     Row('train-bf16-cl-compile',    'train',    ('--bf16=1', '--channels-last=1', '--compile')),
+    Row('train-fast',               'train',    ('--fast',)),
+    Row('train-fast-rerun',         'train',    ('--fast',)),  # the same command again: a resume's start, on inductor's cache
     Row('edm2-fp16',                'edm2',     ('--fp16=1',), ref=True),
     Row('edm2-fp32',                'edm2',     ('--fp16=0',), fp32=True),
     Row('edm2-bf16',                'edm2',     ('--fp16=0', '--bf16=1')),
@@ -85,6 +87,8 @@ ROWS = [
     Row('gen-fp32',                 'generate', (), ref=True, fp32=True),  # EDM's CIFAR-10 models sample in fp32
     Row('gen-bf16',                 'generate', ('--precision=bf16',)),
     Row('gen-bf16-cl',              'generate', ('--precision=bf16', '--channels-last')),
+    Row('gen-fast',                 'generate', ('--fast',)),
+    Row('gen-fast-rerun',           'generate', ('--fast',)),  # the same command again, on inductor's cache
     Row('fid-calc',                 'fid',      (), ref=True, fp32=True),
     Row('encode-b1',                'encode',   ('--batch=1',), ref=True, fp32=True),  # the reference's one image per VAE call
     Row('encode-b8',                'encode',   ('--batch=8',)),
