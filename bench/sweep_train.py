@@ -65,8 +65,8 @@ def build_step(net_name: str, size: str, batch: int, variant: dict, device: torc
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            value = loss_fn(net=call, images=images.to(torch.float32) / 127.5 - 1, labels=labels, augment_pipe=pipe)
+        value = loss_fn(net=speed.autocast_calls(call, device, enabled=bf16), images=images.to(torch.float32) / 127.5 - 1,
+                        labels=labels, augment_pipe=pipe)
         value.to(torch.float32).sum().mul(1 / batch).backward()
         for grad in [p.grad for p in net.parameters() if p.grad is not None]:
             torch.nan_to_num(grad, nan=0, posinf=1e5, neginf=-1e5, out=grad)

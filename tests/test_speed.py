@@ -147,3 +147,23 @@ def test_generate_compile_gives_the_same_images(monkeypatch):
         images[compile] = torch.cat([batch.images for batch in batches]).to(torch.int16)
     assert (images[True] - images[False]).abs().max() <= 1  # uint8 rounding of fp32-identical math
     assert (images[True] == images[False]).float().mean() > 0.99
+
+
+def test_bf16_training_keeps_the_augmentation_in_fp32(tmp_path, monkeypatch):
+    """Only the network runs under autocast: the augmented images of a --bf16=1 step equal the fp32 step's."""
+    from tests.test_train import cifar_mini, train, write_dataset
+    from training import augment
+    images, labels = cifar_mini()
+    data = write_dataset(tmp_path / 'data', images[:32], labels[:32])
+    seen = {}
+    pipe_call = augment.AugmentPipe.__call__
+    def record(self, x):
+        out = pipe_call(self, x)
+        seen.setdefault(key, out[0].detach().clone())
+        return out
+    monkeypatch.setattr(augment.AugmentPipe, '__call__', record)
+    common = dict(data=data, total_nimg=8, batch_size=8, status_nimg=None, snapshot_nimg=None, augment=0.5)
+    for key in ('fp32', 'bf16'):
+        train(tmp_path / key, 'tiny-edm', bf16=(key == 'bf16'), **common)
+    assert seen['bf16'].dtype == torch.float32
+    assert torch.equal(seen['bf16'], seen['fp32'])

@@ -77,6 +77,19 @@ def compile_network(net: torch.nn.Module, mode: str | None = None, backend: str 
     return torch.compile(net, backend=backend, dynamic=False)
 
 
+def autocast_calls(net, device: torch.device, enabled: bool):
+    """`net` with only its calls under bf16 autocast, so that what the loss does around them (augmentation,
+    noise, weighting) stays fp32. Autocast around the whole loss ran the augmentation's matrix products in
+    bf16: its resampling blurred every image (mean square 0.271 -> 0.254 on CIFAR-like data)."""
+    if not enabled:
+        return net
+
+    def call(*args, **kwargs):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            return net(*args, **kwargs)
+    return call
+
+
 def keep_compiled_kernels() -> str:
     """Point inductor's on-disk cache into the dnnlib cache ($DNNLIB_CACHE_DIR or ~/.cache/dnnlib), unless
     TORCHINDUCTOR_CACHE_DIR is set: its default, /tmp, is lost on reboot and with every container, and with the

@@ -424,11 +424,10 @@ def train_step(ctx) -> None:
     batches = [(_to_model_space(ctx, images), labels.to(ctx.device)) for images, labels in batches]
     refs = _stf_references(ctx, batches) if cfg.stf else [{}] * ctx.rounds
     batch_gpu_total = ctx.batch_gpu * ctx.rounds
+    net = speed.autocast_calls(ctx.ddp, ctx.device, enabled=cfg.bf16)
     for round_idx, (images, labels) in enumerate(batches):
         with misc.ddp_sync(ctx.ddp, sync=(round_idx == ctx.rounds - 1)):
-            with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = ctx.loss_fn(net=ctx.ddp, images=images, labels=labels, augment_pipe=ctx.augment_pipe,
-                                   **refs[round_idx])
+            loss = ctx.loss_fn(net=net, images=images, labels=labels, augment_pipe=ctx.augment_pipe, **refs[round_idx])
             loss = loss.to(torch.float32)
             training_stats.report('Loss/loss', loss)
             loss_sum = loss.sum()
