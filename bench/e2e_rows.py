@@ -63,6 +63,9 @@ GROUPS = {
     'fid': Group('fid.py', 'progress', dict(
         full=('calc', '--images={data}', '--ref={ref}', '--num={images}', '--batch=256', '--device={device}'),
         tiny=('calc', '--images={data}', '--ref={ref}', '--num={images}', '--batch=8', '--workers=0', '--device={device}'))),
+    'fid-gen': Group('fid.py', 'progress', dict(
+        full=('gen', '--net={network}', '--ref={ref}', '--num=4096', '--batch=512', '--steps=18', '--device={device}'),
+        tiny=('gen', '--net={network}', '--ref={ref}', '--num=16', '--batch=4', '--steps=6', '--device={device}'))),
     'encode': Group('dataset_tool.py', 'progress', dict(
         full=('encode', '--model={vae}', '--source={encode_data}', '--dest={outdir}', '--device={device}'),
         tiny=('encode', '--model={vae}', '--source={encode_data}', '--dest={outdir}', '--workers=0', '--device={device}'))),
@@ -90,6 +93,7 @@ ROWS = [
     Row('gen-fast',                 'generate', ('--fast',)),
     Row('gen-fast-rerun',           'generate', ('--fast',)),  # the same command again, on inductor's cache
     Row('fid-calc',                 'fid',      (), ref=True, fp32=True),
+    Row('fid-gen',                  'fid-gen',  (), ref=True, fp32=True),  # generate.py's sampler + Inception, no PNGs
     Row('encode-b1',                'encode',   ('--batch=1',), ref=True, fp32=True),  # the reference's one image per VAE call
     Row('encode-b8',                'encode',   ('--batch=8',)),
     Row('encode-b32-bf16',          'encode',   ('--batch=32', '--precision=bf16')),

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -170,3 +171,19 @@ def test_cuda_memory_paths_with_a_stand_in_nvidia_smi(tmp_path, monkeypatch):
     assert result['images_per_s'] == 500.0 and result['startup_s'] == 12.5 and result['startup_fixed_s'] == 10.5
     assert result['peak_mem_mb'] == 3 * 1024 and result['peak_mem_kind'] == 'torch_max_allocated'
     assert result['peak_mem_polled_mb'] == 4000.0 and result['images_per_s_train_only'] == 1e3 / 3.0  # median of 2.5, 3.5
+
+
+def test_output_segments_are_timed_by_their_first_byte():
+    read_fd, write_fd = os.pipe()
+    sink, start = [], time.time()
+    reader = threading.Thread(target=e2e_measure._read_segments, args=(os.fdopen(read_fd, 'rb'), sink, start))
+    reader.start()
+    for piece in (b'\r 0/2 [', b'00:00]', b'\rbar 1/2', b'\rbar 2/2', b'\nStatus: kimg 1', b'.0\nDone'):
+        os.write(write_fd, piece)
+        time.sleep(0.15)
+    os.close(write_fd)
+    reader.join(10)
+    assert [text for _, text in sink] == [' 0/2 [00:00]', 'bar 1/2', 'bar 2/2', 'Status: kimg 1.0', 'Done']
+    times = [t for t, _ in sink]
+    steps = [round((t - times[0]) / 0.15) for t in times]
+    assert steps == [0, 2, 3, 4, 5]  # each from the write of its first byte, not from the next line's
