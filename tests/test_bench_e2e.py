@@ -48,8 +48,9 @@ def test_tiny_cpu_rows_end_to_end(tmp_path):
 
 def test_failed_and_killed_rows_are_recorded_with_one_line(tmp_path):
     ws = e2e_inputs.Workspace(str(tmp_path), 'tiny', 'cpu', images=16, vae=None)
-    bad = e2e.run_row(e2e_rows.Row('bad', 'train', ('--lr=-1',)), ws, time_limit_s=120, gpu=None, env={})
+    bad = e2e.run_row(e2e_rows.Row('bad', 'train', ('--compile', '--lr=-1')), ws, time_limit_s=120, gpu=None, env={})
     assert not bad['ok'] and bad['error'].startswith('exit code 2: Error: ') and '--lr' in bad['error'] and '\n' not in bad['error']
+    assert bad['compile_cache'] == 'cold' and bad['command'].startswith(f'TORCHINDUCTOR_CACHE_DIR={tmp_path}/compile-cache/bad python train.py ')
     slow = e2e.run_row(e2e_rows.Row('slow', 'train', ('--duration=1M',)), ws, time_limit_s=1, gpu=None, env={})
     assert not slow['ok'] and slow['error'] == 'killed after the time limit of 1 s' and slow['wall_s'] < 60
     good = _record('good', 'train', 5.0, 100.0, ref=True, fp32=True)
@@ -187,3 +188,21 @@ def test_output_segments_are_timed_by_their_first_byte():
     times = [t for t, _ in sink]
     steps = [round((t - times[0]) / 0.15) for t in times]
     assert steps == [0, 2, 3, 4, 5]  # each from the write of its first byte, not from the next line's
+
+
+def test_compiling_rows_get_their_own_cold_or_warm_cache(tmp_path):
+    ws = e2e_inputs.Workspace(str(tmp_path), 'tiny', 'cpu', images=None, vae=None)
+    assert ws.compile_cache(e2e_rows.Row('eager', 'train', ('--bf16=1',))) is None
+    cold = e2e_rows.Row('c', 'train', ('--compile',))
+    path, state = ws.compile_cache(cold)
+    assert path == str(tmp_path / 'compile-cache' / 'c') and state == 'cold'
+    rerun = e2e_rows.Row('c-rerun', 'train', ('--compile',), warm_from='c')
+    assert ws.compile_cache(rerun) == (path, 'cold (c left no cache)')
+    os.makedirs(os.path.join(path, 'fxgraph'))
+    assert ws.compile_cache(rerun) == (path, 'warm from c')
+    assert ws.compile_cache(cold) == (path, 'cold') and not os.path.exists(os.path.join(path, 'fxgraph'))  # emptied
+    names = [r.name for r in e2e_rows.ROWS]
+    for row in e2e_rows.ROWS:  # a rerun follows the row it reruns, with the same command
+        if row.warm_from is not None:
+            first = e2e_rows.ROWS[names.index(row.warm_from)]
+            assert names.index(row.warm_from) < names.index(row.name) and (first.group, first.args) == (row.group, row.args)
