@@ -59,6 +59,10 @@ def run_row(row, ws: Workspace, time_limit_s: float, gpu: str | None, env: dict)
     base = list(group.base[ws.size]) + list(row.args)
     record = dict(row=row.name, group=row.group, script=group.script, ref=row.ref, fp32=row.fp32, ok=False)
     try:
+        cache = ws.compile_cache(row)
+        if cache is not None:
+            env = dict(env, TORCHINDUCTOR_CACHE_DIR=cache[0])
+            record['compile_cache'] = cache[1]
         outdir = ws.outdir(row.name)
         args = ws.fill(base, outdir)
         record['command'] = _display(group.script, args, env)

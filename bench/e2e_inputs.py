@@ -192,6 +192,17 @@ class Workspace:
                 raise RuntimeError(f'train.py for the snapshot failed: {last_line(proc.stderr) or last_line(proc.stdout)}')
         return os.path.join(folder, found[-1])
 
+    def compile_cache(self, row) -> tuple[str, str] | None:
+        """(inductor cache folder, 'cold' or 'warm from ROW') of a row that compiles; a cold one is emptied."""
+        if row.warm_from is None and not any(arg.split('=')[0] in e2e_rows.COMPILE_FLAGS for arg in row.args):
+            return None
+        path = os.path.join(self.root, 'compile-cache', row.warm_from or row.name)
+        if row.warm_from is None:
+            shutil.rmtree(path, ignore_errors=True)
+            return path, 'cold'
+        warm = os.path.isdir(path) and len(os.listdir(path)) > 0
+        return path, f'warm from {row.warm_from}' if warm else f'cold ({row.warm_from} left no cache)'
+
     def outdir(self, row_name: str) -> str:
         """An empty output folder for one run of a row."""
         path = os.path.join(self.root, 'runs', row_name)

@@ -89,15 +89,19 @@ class MemoryPoller:
 
 def _read_segments(stream, sink: list, start: float) -> None:
     """Append (seconds since start, text) per line of a binary stream; a carriage return ends a segment
-    too, so every tqdm update arrives with its own time."""
-    pending = b''
+    too, so every tqdm update gets its own time. A segment is timed by the arrival of its first byte:
+    tqdm writes '\r' + text, so a bar's text is only ended by the next update's '\r'."""
+    pending, pending_s = b'', 0.0
     for chunk in iter(lambda: stream.read1(65536), b''):
         now = time.time() - start
-        parts = re.split(rb'[\r\n]', pending + chunk)
-        pending = parts.pop()
-        sink.extend((now, part.decode(errors='replace')) for part in parts if part.strip())
+        parts = re.split(rb'[\r\n]', chunk)
+        parts[0], first_s = pending + parts[0], pending_s if pending else now
+        for idx, part in enumerate(parts[:-1]):
+            if part.strip():
+                sink.append((first_s if idx == 0 else now, part.decode(errors='replace')))
+        pending, pending_s = parts[-1], (first_s if len(parts) == 1 else now)
     if pending.strip():
-        sink.append((time.time() - start, pending.decode(errors='replace')))
+        sink.append((pending_s, pending.decode(errors='replace')))
     stream.close()
 
 

@@ -11,7 +11,8 @@ folder per row), {data} (PNG dataset zip) and {images} (its size), {latents} (ED
 run), {encode_data} (larger images for the VAE), {vae} (a diffusers folder) and {ref} (FID
 reference statistics). Within a group, `ref` marks the reference code's fastest path (EDM
 --fp16=1, EDM2 fp16, one-image-at-a-time encoding) and `fp32` the plain fp32 path; every row of the
-group reports its img/s as a ratio to both.
+group reports its img/s as a ratio to both. A row that compiles starts on an empty compile cache,
+unless `warm_from` names the row whose cache it reruns on.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Row:
     args:   tuple[str, ...] = ()    # Flags under test, appended to the group's base arguments.
     ref:    bool = False            # The reference code's fastest path of this group (ratio denominator).
     fp32:   bool = False            # The fp32 path of this group (second ratio denominator).
+    warm_from: str | None = None    # Row whose compile caches this row reuses (a rerun: a resume's start); None = its own, emptied first.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,10 +65,17 @@ GROUPS = {
     'fid': Group('fid.py', 'progress', dict(
         full=('calc', '--images={data}', '--ref={ref}', '--num={images}', '--batch=256', '--device={device}'),
         tiny=('calc', '--images={data}', '--ref={ref}', '--num={images}', '--batch=8', '--workers=0', '--device={device}'))),
+    'fid-gen': Group('fid.py', 'progress', dict(
+        full=('gen', '--net={network}', '--ref={ref}', '--num=4096', '--batch=512', '--steps=18', '--device={device}'),
+        tiny=('gen', '--net={network}', '--ref={ref}', '--num=16', '--batch=4', '--steps=6', '--device={device}'))),
     'encode': Group('dataset_tool.py', 'progress', dict(
         full=('encode', '--model={vae}', '--source={encode_data}', '--dest={outdir}', '--device={device}'),
         tiny=('encode', '--model={vae}', '--source={encode_data}', '--dest={outdir}', '--workers=0', '--device={device}'))),
 }
+
+# Rows with one of these flags, or with warm_from, get a compile cache of their own in the work folder
+# ($TORCHINDUCTOR_CACHE_DIR, Triton's cache inside it): cold unless warm_from, whatever ran before.
+COMPILE_FLAGS = ('--compile', '--fast')
 
 ROWS = [
     Row('train-fp16',               'train',    ('--fp16=1',), ref=True),
@@ -79,7 +88,7 @@ ROWS = [
     Row('train-bf16-compile',       'train',    ('--bf16=1', '--compile')),
     Row('train-bf16-cl-compile',    'train',    ('--bf16=1', '--channels-last=1', '--compile')),
     Row('train-fast',               'train',    ('--fast',)),
-    Row('train-fast-rerun',         'train',    ('--fast',)),  # the same command again: a resume's start, on inductor's cache
+    Row('train-fast-rerun',         'train',    ('--fast',), warm_from='train-fast'),  # a resume's start, on inductor's cache
     Row('edm2-fp16',                'edm2',     ('--fp16=1',), ref=True),
     Row('edm2-fp32',                'edm2',     ('--fp16=0',), fp32=True),
     Row('edm2-bf16',                'edm2',     ('--fp16=0', '--bf16=1')),
@@ -88,8 +97,9 @@ ROWS = [
     Row('gen-bf16',                 'generate', ('--precision=bf16',)),
     Row('gen-bf16-cl',              'generate', ('--precision=bf16', '--channels-last')),
     Row('gen-fast',                 'generate', ('--fast',)),
-    Row('gen-fast-rerun',           'generate', ('--fast',)),  # the same command again, on inductor's cache
+    Row('gen-fast-rerun',           'generate', ('--fast',), warm_from='gen-fast'),  # the same command again, on inductor's cache
     Row('fid-calc',                 'fid',      (), ref=True, fp32=True),
+    Row('fid-gen',                  'fid-gen',  (), ref=True, fp32=True),  # generate.py's sampler + Inception, no PNGs
     Row('encode-b1',                'encode',   ('--batch=1',), ref=True, fp32=True),  # the reference's one image per VAE call
     Row('encode-b8',                'encode',   ('--batch=8',)),
     Row('encode-b32-bf16',          'encode',   ('--batch=32', '--precision=bf16')),

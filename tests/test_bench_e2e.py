@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -47,8 +48,9 @@ def test_tiny_cpu_rows_end_to_end(tmp_path):
 
 def test_failed_and_killed_rows_are_recorded_with_one_line(tmp_path):
     ws = e2e_inputs.Workspace(str(tmp_path), 'tiny', 'cpu', images=16, vae=None)
-    bad = e2e.run_row(e2e_rows.Row('bad', 'train', ('--lr=-1',)), ws, time_limit_s=120, gpu=None, env={})
+    bad = e2e.run_row(e2e_rows.Row('bad', 'train', ('--compile', '--lr=-1')), ws, time_limit_s=120, gpu=None, env={})
     assert not bad['ok'] and bad['error'].startswith('exit code 2: Error: ') and '--lr' in bad['error'] and '\n' not in bad['error']
+    assert bad['compile_cache'] == 'cold' and bad['command'].startswith(f'TORCHINDUCTOR_CACHE_DIR={tmp_path}/compile-cache/bad python train.py ')
     slow = e2e.run_row(e2e_rows.Row('slow', 'train', ('--duration=1M',)), ws, time_limit_s=1, gpu=None, env={})
     assert not slow['ok'] and slow['error'] == 'killed after the time limit of 1 s' and slow['wall_s'] < 60
     good = _record('good', 'train', 5.0, 100.0, ref=True, fp32=True)
@@ -170,3 +172,37 @@ def test_cuda_memory_paths_with_a_stand_in_nvidia_smi(tmp_path, monkeypatch):
     assert result['images_per_s'] == 500.0 and result['startup_s'] == 12.5 and result['startup_fixed_s'] == 10.5
     assert result['peak_mem_mb'] == 3 * 1024 and result['peak_mem_kind'] == 'torch_max_allocated'
     assert result['peak_mem_polled_mb'] == 4000.0 and result['images_per_s_train_only'] == 1e3 / 3.0  # median of 2.5, 3.5
+
+
+def test_output_segments_are_timed_by_their_first_byte():
+    read_fd, write_fd = os.pipe()
+    sink, start = [], time.time()
+    reader = threading.Thread(target=e2e_measure._read_segments, args=(os.fdopen(read_fd, 'rb'), sink, start))
+    reader.start()
+    for piece in (b'\r 0/2 [', b'00:00]', b'\rbar 1/2', b'\rbar 2/2', b'\nStatus: kimg 1', b'.0\nDone'):
+        os.write(write_fd, piece)
+        time.sleep(0.15)
+    os.close(write_fd)
+    reader.join(10)
+    assert [text for _, text in sink] == [' 0/2 [00:00]', 'bar 1/2', 'bar 2/2', 'Status: kimg 1.0', 'Done']
+    times = [t for t, _ in sink]
+    steps = [round((t - times[0]) / 0.15) for t in times]
+    assert steps == [0, 2, 3, 4, 5]  # each from the write of its first byte, not from the next line's
+
+
+def test_compiling_rows_get_their_own_cold_or_warm_cache(tmp_path):
+    ws = e2e_inputs.Workspace(str(tmp_path), 'tiny', 'cpu', images=None, vae=None)
+    assert ws.compile_cache(e2e_rows.Row('eager', 'train', ('--bf16=1',))) is None
+    cold = e2e_rows.Row('c', 'train', ('--compile',))
+    path, state = ws.compile_cache(cold)
+    assert path == str(tmp_path / 'compile-cache' / 'c') and state == 'cold'
+    rerun = e2e_rows.Row('c-rerun', 'train', ('--compile',), warm_from='c')
+    assert ws.compile_cache(rerun) == (path, 'cold (c left no cache)')
+    os.makedirs(os.path.join(path, 'fxgraph'))
+    assert ws.compile_cache(rerun) == (path, 'warm from c')
+    assert ws.compile_cache(cold) == (path, 'cold') and not os.path.exists(os.path.join(path, 'fxgraph'))  # emptied
+    names = [r.name for r in e2e_rows.ROWS]
+    for row in e2e_rows.ROWS:  # a rerun follows the row it reruns, with the same command
+        if row.warm_from is not None:
+            first = e2e_rows.ROWS[names.index(row.warm_from)]
+            assert names.index(row.warm_from) < names.index(row.name) and (first.group, first.args) == (row.group, row.args)
