@@ -167,3 +167,19 @@ def test_bf16_training_keeps_the_augmentation_in_fp32(tmp_path, monkeypatch):
         train(tmp_path / key, 'tiny-edm', bf16=(key == 'bf16'), **common)
     assert seen['bf16'].dtype == torch.float32
     assert torch.equal(seen['bf16'], seen['fp32'])
+
+
+def test_generate_compile_pads_the_last_batch_instead_of_recompiling(monkeypatch):
+    from training import sampling
+    compiled = []
+    def counting_backend(graph, example_inputs):
+        compiled.append(example_inputs[0].shape if example_inputs else None)
+        return graph.forward
+    monkeypatch.setattr(speed, 'DEFAULT_BACKEND', counting_backend)
+    torch._dynamo.reset()
+    net = _tiny_edm().eval().requires_grad_(False)
+    batches = list(sampling.generate_images(net, seeds=range(5), batch_size=2, num_steps=2, compile=True))
+    assert [len(batch.images) for batch in batches] == [2, 2, 1]
+    assert len(compiled) == 1  # the batch of one ran padded to two: no second graph
+    reference = list(sampling.generate_images(_tiny_edm().eval().requires_grad_(False), seeds=[4], num_steps=2))
+    assert torch.equal(batches[-1].images, reference[0].images)

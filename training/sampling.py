@@ -651,6 +651,13 @@ def generate_images(
     autocast = precision_context(precision, device)
 
     def make_batch(batch_seeds):
+        keep = len(batch_seeds)
+        if compile and keep < batch_size:  # a compiled net would recompile for the smaller last batch
+            batch_seeds = list(batch_seeds) + [batch_seeds[-1]] * (batch_size - keep)
+        images, labels, noise = sample_batch(batch_seeds)
+        return images[:keep], (labels[:keep] if labels is not None else None), noise[:keep]
+
+    def sample_batch(batch_seeds):
         rnd = StackedRandomGenerator(device, batch_seeds)
         n = len(batch_seeds)
         noise = rnd.randn([n, net.img_channels, net.img_resolution, net.img_resolution], device=device)
