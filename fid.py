@@ -177,16 +177,23 @@ def calc(images, ref_path, num, seed, batch, workers, metrics, detector, dinov2,
 @click.option('--num', help='Number of images to generate', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option('--seed', help='Random seed of the first image', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--batch', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
+@click.option('--precision', 'gen_precision', help='Network precision while generating (bf16 = autocast)', type=click.Choice(['fp32', 'bf16']), default='fp32', show_default=True)
+@click.option('--compile', 'gen_compile', help='torch.compile the networks while generating', is_flag=True)
+@click.option('--fast', 'gen_fast', help='Generate with bf16 + --compile where the device runs them (docs/performance.md)', is_flag=True)
 @common_options('those in --ref')
 @pr_options
 @repeat_options
 @dnnlib.util.cli_errors
-def gen(net, gnet, guidance, num_steps, trust, ref_path, num, seed, batch, metrics, detector, dinov2, device, pr_detector, vgg16,
-        repeats, metrics_file, **pr_opts):
+def gen(net, gnet, guidance, num_steps, trust, ref_path, num, seed, batch, gen_precision, gen_compile, gen_fast, metrics, detector,
+        dinov2, device, pr_detector, vgg16, repeats, metrics_file, **pr_opts):
     """Calculate metrics for a network with default sampler settings, generating images on the fly."""
+    from training import speed
     pr = build_pr_config(**pr_opts)
     device = setup_device(device)
+    bf16, compile_ = speed.usable_switches(device, gen_fast, gen_fast or gen_precision == 'bf16', gen_fast or gen_compile,
+                                           '--precision=bf16')
     sampler_kwargs = {k: v for k, v in dict(guidance=guidance, num_steps=num_steps).items() if v is not None}
+    sampler_kwargs.update(precision='bf16' if bf16 else 'fp32', compile=compile_)
     results = metrics_lib.gen(net, ref_path, metrics=metrics, num=num, seed=seed, repeats=repeats, batch_size=batch,
                               device=device, gnet=gnet, trust=trust, detector=detector, dinov2=dinov2, pr=pr,
                               pr_detector=pr_detector, vgg16=vgg16, **sampler_kwargs)

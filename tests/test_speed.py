@@ -183,3 +183,20 @@ def test_generate_compile_pads_the_last_batch_instead_of_recompiling(monkeypatch
     assert len(compiled) == 1  # the batch of one ran padded to two: no second graph
     reference = list(sampling.generate_images(_tiny_edm().eval().requires_grad_(False), seeds=[4], num_steps=2))
     assert torch.equal(batches[-1].images, reference[0].images)
+
+
+def test_fid_gen_passes_the_speed_switches(monkeypatch):
+    from click.testing import CliRunner
+    import fid
+    seen = {}
+    from training import metrics
+    monkeypatch.setattr(metrics, 'gen', lambda *args, **kwargs: seen.update(kwargs) or [])
+    monkeypatch.setattr(speed, 'compiler_missing', lambda device_type: None)
+    base = ['gen', '--net=x.pkl', '--ref=ref.npz', '--device=cpu']
+    result = CliRunner().invoke(fid.main, base + ['--compile', '--precision=bf16'])
+    assert result.exit_code == 0, result.output
+    assert (seen['precision'], seen['compile']) == ('bf16', True)
+    result = CliRunner().invoke(fid.main, base + ['--fast'])  # on a CPU --fast turns nothing on, in one line
+    assert result.exit_code == 0, result.output
+    assert (seen['precision'], seen['compile']) == ('fp32', False)
+    assert result.output.count('Warning: --fast turns nothing on') == 1
