@@ -36,9 +36,9 @@ def test_tiny_cpu_rows_end_to_end(tmp_path):
         assert record['vs_fp32'] == 1.0  # each is its group's fp32 row
     assert train['command'].startswith('python train.py ') and '--arch=ddpmpp --cond=1' in train['command']
     assert train['vs_ref'] is None  # train-fp16 did not run
-    assert train['startup_kind'] == 'first_status_line' and len(train['ticks']) == 3  # 48 images, a tick per 16
+    assert train['startup_kind'] == 'first_status_line' and len(train['ticks']) == 4  # tick 0 (batch 8), then per 16
     assert train['images_per_s'] == pytest.approx(e2e_measure.steady_train_rate(train['ticks']))
-    assert train['startup_fixed_s'] == pytest.approx(train['startup_s'] - 16 / train['images_per_s'])  # first tick: 16 images
+    assert train['startup_fixed_s'] == pytest.approx(train['startup_s'] - 8 / train['images_per_s'])  # first tick: one batch of 8
     assert gen['startup_fixed_s'] == pytest.approx(gen['startup_s'] - 4 / gen['images_per_s'])  # first batch: 4 images
     assert gen['command'].startswith('python generate.py --network=') and gen['vs_ref'] == 1.0
     assert gen['startup_kind'] == 'first_image' and gen['images'] == 8 and gen['batch'] == 4

@@ -48,7 +48,7 @@ def test_plot_of_real_run(runs, preset):
     run_dir = runs[preset]
     series, warnings = plots.load_stats(run_dir)
     assert warnings == []
-    assert series['kimg'] == pytest.approx([0.032, 0.064, 0.096, 0.128])
+    assert series['kimg'] == pytest.approx([0.032, 0.064, 0.096, 0.128])  # EDM's tick 0 (after step 1) is the first
     assert all(np.isfinite(series['loss'])) and all(v > 0 for v in series['images_per_sec'])
     result = CliRunner().invoke(plots.main, [run_dir])
     assert result.exit_code == 0, result.output
@@ -91,7 +91,7 @@ def test_corrupt_and_resumed_lines(runs, tmp_path):
     run_dir.mkdir()
     (run_dir / 'stats.jsonl').write_text(text)
     series, warnings = plots.load_stats(str(run_dir))
-    assert series['kimg'] == pytest.approx([0.032, 0.064, 0.096, 0.128])
+    assert series['kimg'] == pytest.approx([0.032, 0.064, 0.096, 0.128])  # EDM's tick 0 (after step 1) is the first
     assert len(warnings) == 2 and ':5: skipped not a JSON object' in warnings[0]
     assert ':8: skipped incomplete last line' in warnings[1]
     result = CliRunner().invoke(plots.main, [str(run_dir)])

@@ -108,6 +108,7 @@ class CifarEDM2Recipe(EDMRecipe):
 
     name = 'cifar-edm2'
     kimg_digits = 6
+    first_status_after_one_step = False  # status lines only every --status images
 
     def make_ema(self, net):
         return WarmupEMA(net, beta=self.cfg.ema_beta)

@@ -100,6 +100,7 @@ class DDPMRecipe(EDMRecipe):
 
     name = 'ddpm'
     kimg_digits = 6
+    first_status_after_one_step = False  # status lines only every --status images
 
     def betas(self):
         cfg = self.cfg

@@ -40,6 +40,7 @@ class Recipe:
 
     name = ''
     kimg_digits = 6             # Width of the kimg field in output file names.
+    first_status_after_one_step = False  # A status line after the first step of each run or resume (EDM's tick 0)?
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -130,6 +131,7 @@ class EDMRecipe(Recipe):
 
     name = 'edm'
     kimg_digits = 6
+    first_status_after_one_step = True  # EDM prints tick 0 after the first step, so start-up shows at once
 
     def make_ema(self, net):
         from training.phema import TraditionalEMA

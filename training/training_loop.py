@@ -583,6 +583,7 @@ def maintenance(ctx, prev_nimg: int) -> bool:
     cfg = ctx.cfg
     done = ctx.cur_nimg >= cfg.total_nimg
     status = done or _crossed(prev_nimg, ctx.cur_nimg, cfg.status_nimg)
+    status |= bool(cfg.status_nimg) and ctx.cur_tick == 0 and ctx.recipe.first_status_after_one_step
     stop = dist.should_stop() if ctx.world == 1 else (status and dist.all_reduce_any(dist.should_stop()))
     if stop and not done:
         logger.info('Stop requested: saving a training state and exiting.')
