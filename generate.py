@@ -58,7 +58,7 @@ def parse_seeds(ctx, param, value):
 @click.option('--device',                   help='auto | cuda | cuda:N | cpu | mps  [default: auto]',            type=str)
 @click.option('--precision',                help='Network precision (bf16 = autocast)  [default: fp32]',         type=click.Choice(['fp32', 'bf16']))
 @click.option('--channels-last', 'channels_last', help='Channels-last weights and inputs', is_flag=True, default=None)
-@click.option('--compile',                  help='torch.compile the networks\' repeated blocks', is_flag=True, default=None)
+@click.option('--compile',                  help='torch.compile the networks', is_flag=True, default=None)
 @click.option('--fast',                     help='Fastest measured set: bf16 + --compile where the device runs them (docs/performance.md)', is_flag=True, default=None)
 @click.option('--batched-guidance', 'batched_guidance', help='net and gnet in one batched call (same architecture) or overlapped on CUDA streams', is_flag=True, default=None)
 @click.option('--ckpt',                     help='Without --network: first training state (kimg)  [default: 0]', metavar='KIMG', type=int)

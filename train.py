@@ -60,7 +60,7 @@ def _check_desc(ctx, param, value):
 @click.option('--bf16',          help='bf16 autocast', metavar='BOOL', type=bool)
 @click.option('--ls',            help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--channels-last', help='Channels-last weights (conv nets)', metavar='BOOL', type=bool)
-@click.option('--compile/--no-compile', help='torch.compile the network\'s repeated blocks', default=None)
+@click.option('--compile/--no-compile', help='torch.compile the network', default=None)
 @click.option('--fast',          help='Fastest measured set: bf16 + --compile where the device runs them (docs/performance.md)', is_flag=True, default=None)
 @click.option('--deterministic/--no-deterministic', help='Deterministic algorithms', default=None)
 @click.option('--bench',         help='cuDNN benchmarking (off with --deterministic)', metavar='BOOL', type=bool)

@@ -72,7 +72,7 @@ class TrainConfig:
     checkpoint_nimg:    Optional[int]           = 25_000_000  # Training state interval; None = only at the end.
     seed:               int                     = 0         # Global random seed.
     device:             str                     = 'auto'    # auto | cuda | cpu | mps.
-    compile:            bool                    = False     # torch.compile the network's repeated blocks.
+    compile:            bool                    = False     # torch.compile the network (training/speed.py).
     fast:               bool                    = False     # The best measured speed set: bf16 + compile where the device runs them.
     channels_last:      bool                    = False     # Channels-last weights for the conv nets (inputs stay NCHW).
     deterministic:      bool                    = False     # torch.use_deterministic_algorithms.
@@ -203,7 +203,7 @@ PRESETS.update(CIFAR_EDM2_PRESETS)
 
 
 # What --fast turns on (docs/performance.md has the measurements): bf16 in place of fp16 (same speed, no loss
-# scaling), and torch.compile of the repeated blocks.
+# scaling), and torch.compile of the network.
 FAST_SWITCHES = dict(bf16=True, fp16=False, compile=True)
 
 

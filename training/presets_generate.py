@@ -58,7 +58,7 @@ class GenerateConfig:
     precision:      str             = 'fp32'    # fp32 | bf16 (autocast of the network calls).
     channels_last:  bool            = False     # Channels-last weights and inputs.
     batched_guidance: bool          = False     # net and gnet in one vmapped call (same architecture), else overlapped.
-    compile:        bool            = False     # torch.compile the networks' repeated blocks.
+    compile:        bool            = False     # torch.compile the networks (training/speed.py).
     fast:           bool            = False     # The best measured speed set: bf16 + compile where the device runs them.
     # Sampler.
     sampler:        Optional[str]   = None      # training.sampling.SAMPLERS name; None = edm, or ablation if ablated.

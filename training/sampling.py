@@ -624,7 +624,7 @@ def generate_images(
     precision       = 'fp32',       # 'fp32' (reference numerics) or 'bf16' (autocast of the network calls).
     channels_last   = False,        # Channels-last weights and inputs for the networks (CUDA speed-up).
     batched_guidance= False,        # net and gnet in one vmapped call if they share an architecture, else overlapped (CUDA).
-    compile         = False,        # torch.compile the networks' repeated blocks (training/speed.py)?
+    compile         = False,        # torch.compile the networks (training/speed.py: whole network by default)?
     **sampler_kwargs,               # Options of the sampler, e.g. num_steps, guidance, S_churn.
 ) -> ImageBatches:
     """Images for the given seeds, identical for any batch size or number of ranks (EDM2 generate_images.py)."""

@@ -5,6 +5,7 @@ Every switch here changes speed only; tests/test_fastpaths.py and tests/test_spe
 the reference numerics on the CPU.
 """
 
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -143,7 +144,6 @@ def warn(message: str) -> None:
         print(f'Warning: {message}', file=sys.stderr, flush=True)
 
 
-
 def usable_switches(device: torch.device, fast: bool, bf16: bool, compile: bool, bf16_flag: str) -> tuple[bool, bool]:
     """(bf16, compile) with what `device` cannot run turned off: a warning for what --fast chose, a one-line
     ValueError for what the user asked for by name (`bf16_flag`, e.g. '--bf16=1')."""
@@ -158,6 +158,5 @@ def usable_switches(device: torch.device, fast: bool, bf16: bool, compile: bool,
 
 def resolve_switches(cfg, device: torch.device):
     """TrainConfig with the speed switches `device` cannot run turned off (usable_switches)."""
-    import dataclasses
     bf16, compile_ = usable_switches(device, cfg.fast, cfg.bf16, cfg.compile, '--bf16=1')
     return dataclasses.replace(cfg, bf16=bf16, compile=compile_)
