@@ -92,3 +92,17 @@ def test_detector_timing_counts_warmup_and_images():
     rec = metrics_bench.time_detector(Stub('stub', 4), num=10, batch=4, resolution=8, device=torch.device('cpu'), warmup=2)
     assert calls == [(4, 3, 8, 8)] * 5 # 2 untimed + ceil(10 / 4) timed batches
     assert rec['images'] == 12 and len(rec['warmup_s']) == 2 and rec['images_per_s'] > 0
+
+
+def test_sweep_train_times_each_variant_on_cpu():
+    """bench/sweep_train.py: one record per variant, train and sample tasks, and bad variants refused."""
+    import click
+    from bench import sweep_train
+    assert sweep_train.parse_variant('bf16+cl+full+einsum') == dict(precision='bf16', cl=True, compile='full',
+                                                                    adam='fused', attention='einsum')
+    with pytest.raises(click.BadParameter, match='precision must be one of'):
+        sweep_train.parse_variant('fp8+cl')
+    cpu = torch.device('cpu')
+    for task in ('train', 'sample'):
+        record = sweep_train.run_one('ddpmpp-cifar10', 'quick', 2, 'bf16gn32+einsum+foreach', cpu, steps=1, task=task)
+        assert record['task'] == task and record['images_per_s'] > 0 and len(record['times_s']) == 1
