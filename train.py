@@ -59,7 +59,7 @@ def _check_desc(ctx, param, value):
 @click.option('--fp16',          help='Reference mixed precision', metavar='BOOL', type=bool)
 @click.option('--bf16',          help='bf16 autocast', metavar='BOOL', type=bool)
 @click.option('--ls',            help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--channels-last', help='Channels-last weights (conv nets)', metavar='BOOL', type=bool)
+@click.option('--channels-last', help='Channels-last weights (conv nets; slower for DDPM++ on an H200, eager and compiled: docs/performance.md)', metavar='BOOL', type=bool)
 @click.option('--compile/--no-compile', help='torch.compile the network', default=None)
 @click.option('--fast',          help='Fastest measured set: bf16 + --compile where the device runs them (docs/performance.md)', is_flag=True, default=None)
 @click.option('--deterministic/--no-deterministic', help='Deterministic algorithms', default=None)
