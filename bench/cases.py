@@ -12,7 +12,7 @@ import torch
 from bench import configs, timing
 from bench.fastpaths import (BatchedGuidance, Variant, autocast, compile_module, make_adam, make_ema, prepare_network,
                              same_architecture, variant_scope)
-from training import detectors, encoders, loss, sampling
+from training import detectors, encoders, loss, sampling, speed
 from training.flops import count_flops
 
 
@@ -61,7 +61,7 @@ def add_mfu(results: dict, variants: list[Variant], flops_per_call: float, peak:
 # Training.
 
 class TrainStep:
-    """One optimizer step as training/training_loop.py takes it: loss (with autocast), backward,
+    """One optimizer step as training/training_loop.py takes it: loss (network calls under autocast), backward,
     non-finite gradients clamped, Adam, EMA. Images stay NCHW, as the data loader delivers them, so
     that randn_like draws the same noise in both variants; channels-last weights suffice."""
 
@@ -77,8 +77,8 @@ class TrainStep:
 
     def __call__(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.variant, self.device):
-            loss_value = self.loss_fn(net=self.call, images=self.images, labels=self.labels)
+        net = speed.autocast_calls(self.call, self.device, enabled=self.variant.bf16)  # as the training loop: loss in fp32
+        loss_value = self.loss_fn(net=net, images=self.images, labels=self.labels)
         loss_value.to(torch.float32).sum().mul(1 / self.batch).backward()
         for param in self.net.parameters():
             if param.grad is not None:

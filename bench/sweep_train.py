@@ -40,17 +40,27 @@ def parse_variant(text: str) -> dict:
                 adam='foreach' if 'foreach' in switches else 'fused', attention='einsum' if 'einsum' in switches else 'sdpa')
 
 
-def build_step(net_name: str, size: str, batch: int, variant: dict, device: torch.device):
-    """A closure running one training step of train.py's EDM recipe with the variant's switches."""
+def _network(net_name: str, size: str, variant: dict, device: torch.device, train: bool) -> torch.nn.Module:
+    """The benchmark's EDMPrecond, seeded, in the variant's precision path and memory format."""
     spec = configs.net_spec(net_name, size)
-    kwargs = dict(spec.kwargs, use_fp16=(variant['precision'] == 'fp16'))
     torch.manual_seed(0)
     with torch.device(device):
-        net = networks.EDMPrecond(**kwargs).train().requires_grad_(True)
+        net = networks.EDMPrecond(**dict(spec.kwargs, use_fp16=(variant['precision'] == 'fp16')))
+    net.train(train).requires_grad_(train)
     if variant['cl']:
         net.to(memory_format=torch.channels_last)
-    ema = phema.TraditionalEMA(net, halflife_Mimg=0.5, rampup_ratio=0.05)
-    call = speed.compile_network(net, variant['compile']) if variant['compile'] else net
+    return net
+
+
+def _compiled(net: torch.nn.Module, variant: dict) -> torch.nn.Module:
+    return speed.compile_network(net, variant['compile']) if variant['compile'] else net
+
+
+def build_step(net_name: str, size: str, batch: int, variant: dict, device: torch.device):
+    """A closure running one training step of train.py's EDM recipe with the variant's switches."""
+    net = _network(net_name, size, variant, device, train=True)
+    ema = phema.TraditionalEMA(net, halflife_Mimg=0.5, rampup_ratio=0.05)  # copies net before it is compiled
+    call = _compiled(net, variant)
     pipe = augment.AugmentPipe(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
     loss_fn = loss.EDMLoss()
     fused = variant['adam'] == 'fused' and device.type == 'cuda'
@@ -78,17 +88,8 @@ def build_step(net_name: str, size: str, batch: int, variant: dict, device: torc
 
 def build_sampler(net_name: str, size: str, batch: int, variant: dict, device: torch.device):
     """A closure generating one batch with generate.py's EDM sampler (18 steps) under the variant's switches."""
-    spec = configs.net_spec(net_name, size)
-    torch.manual_seed(0)
-    with torch.device(device):
-        net = networks.EDMPrecond(**dict(spec.kwargs, use_fp16=(variant['precision'] == 'fp16'))).eval()
-    net.requires_grad_(False)
-    if variant['cl']:
-        net.to(memory_format=torch.channels_last)
-    call = speed.compile_network(net, variant['compile']) if variant['compile'] else net
-    for name in ('img_channels', 'img_resolution', 'label_dim', 'sigma_min', 'sigma_max', 'round_sigma'):
-        if call is not net:
-            setattr(call, name, getattr(net, name))
+    net = _network(net_name, size, variant, device, train=False)
+    call = _compiled(net, variant)  # a compiled module hands attribute reads (img_channels, ...) to net
     gen = torch.Generator(device).manual_seed(0)
     noise = torch.randn([batch, 3, net.img_resolution, net.img_resolution], generator=gen, device=device)
     labels = torch.eye(net.label_dim, device=device)[torch.randint(net.label_dim, [batch], generator=gen, device=device)]
