@@ -22,7 +22,7 @@ import time
 import click
 import torch
 
-from bench import configs, timing
+from bench import configs, kernels, timing
 from training import augment, loss, networks, phema, sampling, speed
 
 PRECISIONS = ('fp32', 'fp16', 'bf16', 'bf16gn32')
@@ -101,8 +101,9 @@ def build_sampler(net_name: str, size: str, batch: int, variant: dict, device: t
     return run
 
 
-def run_one(net_name, size, batch, text, device, steps, task='train') -> dict:
-    """Time the first step (compile, autotuning) and the median of `steps` steady ones."""
+def run_one(net_name, size, batch, text, device, steps, task='train', profile=False) -> dict:
+    """Time the first step (compile, autotuning) and the median of `steps` steady ones; `profile` adds where
+    the device time of a steady step goes (bench/kernels.py)."""
     variant = parse_variant(text.split('@')[0])
     patch = contextlib.nullcontext()
     if variant['precision'] == 'bf16gn32':  # the old behaviour: autocast runs group norm in float32
@@ -116,9 +117,10 @@ def run_one(net_name, size, batch, text, device, steps, task='train') -> dict:
             first_s = time.perf_counter() - start
             step()
             result = timing.time_call(step, device, warmup=1, reps=steps)
+            extra = dict(profile=kernels.profile(step, device)) if profile else {}
     return dict(task=task, variant=text, net=net_name, size=size, batch=batch, first_step_s=round(first_s, 2),
                 step_s=result['median_s'], images_per_s=batch / result['median_s'], peak_mem_mb=mem.get('peak_mem_mb'),
-                times_s=result['times_s'])
+                times_s=result['times_s'], **extra)
 
 
 @contextlib.contextmanager
@@ -140,14 +142,15 @@ def _patched(module, name, value):
 @click.option('--steps', default=10, show_default=True, type=click.IntRange(min=1), help='Timed steps per variant')
 @click.option('--device', default='auto', show_default=True)
 @click.option('--inline', is_flag=True, help='Run in this process (one variant)')
+@click.option('--profile', is_flag=True, help='Add where a steady step spends its device time (kernel groups)')
 @click.option('--out', type=click.Path(dir_okay=False), help='Append the JSON lines here too')
-def main(task, net_name, size, batch, variants, steps, device, inline, out):
+def main(task, net_name, size, batch, variants, steps, device, inline, profile, out):
     """Time train.py's training step under each variant, one fresh process per variant."""
     from torch_utils import misc
     device = misc.choose_device(device)
     torch.backends.cudnn.benchmark = True
     if inline:
-        click.echo(json.dumps(run_one(net_name, size, batch, variants, device, steps, task)))
+        click.echo(json.dumps(run_one(net_name, size, batch, variants, device, steps, task, profile)))
         return
     cache_dirs = {}
     for text in variants.split(','):
@@ -157,7 +160,7 @@ def main(task, net_name, size, batch, variants, steps, device, inline, out):
             cache_dirs[base] = tempfile.mkdtemp(prefix='inductor-')
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dirs[base], PYTHONUNBUFFERED='1')
         cmd = [sys.executable, '-m', 'bench.sweep_train', '--inline', f'--task={task}', f'--net={net_name}', f'--size={size}',
-               f'--batch={batch}', f'--variants={text}', f'--steps={steps}', f'--device={device}']
+               f'--batch={batch}', f'--variants={text}', f'--steps={steps}', f'--device={device}'] + ['--profile'] * profile
         start = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith('{')]

@@ -103,6 +103,12 @@ def test_sweep_train_times_each_variant_on_cpu():
     with pytest.raises(click.BadParameter, match='precision must be one of'):
         sweep_train.parse_variant('fp8+cl')
     cpu = torch.device('cpu')
+    records = {}
     for task in ('train', 'sample'):
-        record = sweep_train.run_one('ddpmpp-cifar10', 'quick', 2, 'bf16gn32+einsum+foreach', cpu, steps=1, task=task)
+        record = records[task] = sweep_train.run_one('ddpmpp-cifar10', 'quick', 2, 'bf16gn32+einsum+foreach', cpu, steps=1,
+                                                     task=task, profile=(task == 'train'))
         assert record['task'] == task and record['images_per_s'] > 0 and len(record['times_s']) == 1
+    profile = records['train']['profile']  # bench/kernels.py: where the step's time goes
+    assert 'profile' not in records['sample'] and profile['launches'] > 0
+    assert 0 < profile['busy_s'] <= profile['wall_s'] * 1.05 and profile['groups']['convolution'] > 0
+    assert abs(sum(profile['groups'].values()) - profile['busy_s']) < 1e-6 and profile['top'][0]['s'] > 0

@@ -44,6 +44,22 @@ def test_compile_regions_finds_the_blocks_of_each_backbone(build, block_type):
     assert not any(a != b and b.startswith(a + '.') for a in names for b in names)  # no block inside a compiled one
 
 
+def test_compile_traces_the_network_once():
+    """EDM's UNetBlock keeps skip_scale as np.float64 (also in published pickles); dynamo traced it as a tensor,
+    gave up on the graph and traced the whole network a second time. compile_network makes it a float."""
+    from torch._dynamo.utils import compilation_time_metrics
+    net, ref = _tiny_edm(), _tiny_edm()
+    x, sigma, labels = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 3.0]), torch.eye(4)[[1, 3]]
+    torch._dynamo.reset()
+    compilation_time_metrics.clear()
+    speed.compile_network(net, backend='aot_eager')(x, sigma, labels).sum().backward()
+    assert sorted(k for k in compilation_time_metrics if k.startswith('compile_attempt')) == ['compile_attempt_0']
+    block = net.model.enc['16x16_block0']
+    assert type(block.skip_scale) is float and type(ref.model.enc['16x16_block0'].skip_scale) is not float
+    net.eval(), ref.eval()  # no dropout
+    assert torch.equal(net(x, sigma, labels), ref(x, sigma, labels))  # eager results unchanged
+
+
 def test_compile_network_rejects_unknown_mode():
     with pytest.raises(ValueError, match='compile mode'):
         speed.compile_network(_tiny_edm(), 'everything')

@@ -70,12 +70,28 @@ def compile_network(net: torch.nn.Module, mode: str | None = None, backend: str 
     if mode not in COMPILE_MODES:
         raise ValueError(f'compile mode must be one of {COMPILE_MODES}, got {mode!r}')
     keep_compiled_kernels()
+    plain_scalars(net)
     from training import guidance
     wrapper = isinstance(net, (guidance.BatchedGuidance, guidance.OverlappedGuidance))
     if mode == 'blocks' or wrapper:
         if compile_regions(net, backend=backend):
             return net
     return torch.compile(net, backend=backend, dynamic=False)
+
+
+def plain_scalars(net: torch.nn.Module) -> int:
+    """Turn numpy scalar attributes of every submodule (EDM's UNetBlock keeps skip_scale = np.sqrt(0.5), also in
+    published pickles) into Python numbers of the same value; returns how many. Dynamo traces a numpy scalar as a
+    float64 tensor whose value it cannot fold, gives up on the whole graph and traces the network a second time.
+    Eager results do not change: np.float64 is a float subclass, and torch multiplies by its value."""
+    import numpy as np
+    count = 0
+    for module in net.modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, np.generic) and value.ndim == 0 and value.dtype.kind in 'fiub':
+                setattr(module, name, value.item())
+                count += 1
+    return count
 
 
 def autocast_calls(net, device: torch.device, enabled: bool):

@@ -1,0 +1,46 @@
+"""Run one of our scripts and write, when it exits, what torch.compile did in it: time per compile phase,
+cache hits and misses, recompiles and graph breaks.
+
+    python -m bench.compile_report --out=report.json train.py --fast ...
+
+A rerun on a warm inductor cache should show `fxgraph_cache_hit` and `autograd_cache_hit` and little
+time in `compile_fx`; whatever time remains is what a resume still pays.
+"""
+
+import atexit
+import json
+import os
+import runpy
+import sys
+import time
+
+
+def _report(start: float) -> dict:
+    if 'torch._dynamo' not in sys.modules:  # the script stopped before anything was compiled
+        return dict(process_s=round(time.time() - start, 2), phases_s={}, counters={})
+    from torch._dynamo.utils import compile_times, counters
+    headers, values = compile_times(repr='csv', aggregate=True)
+    phases = {name: float(value) for name, value in zip(headers, values)}
+    top = dict(sorted(phases.items(), key=lambda item: -item[1])[:25])
+    return dict(process_s=round(time.time() - start, 2), phases_s=top,
+                counters={key: dict(value) for key, value in counters.items() if value})
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if len(args) < 2 or not args[0].startswith('--out='):
+        sys.exit('usage: python -m bench.compile_report --out=REPORT.json SCRIPT.py [ARGS...]')
+    out, script, script_args = args[0].split('=', 1)[1], args[1], args[2:]
+    start = time.time()
+
+    def write():
+        with open(out, 'w') as f:
+            json.dump(_report(start), f, indent=1)
+    atexit.register(write)
+    sys.argv = [script, *script_args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    runpy.run_path(script, run_name='__main__')
+
+
+if __name__ == '__main__':
+    main()
