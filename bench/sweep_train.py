@@ -6,7 +6,8 @@ EMA) under each combination of precision, memory format, compile mode, Adam and 
 
 A variant is '+'-joined switches: a precision (fp32, fp16 = the reference fp16 path, bf16 = autocast with
 bf16 group norm, bf16gn32 = autocast with float32 group norm), then any of cl (channels-last weights),
-blocks / full (torch.compile per block / whole network), foreach (Adam), einsum (reference attention).
+blocks / full (torch.compile per block / whole network), foreach (Adam), einsum (reference attention),
+cudagraphs / autotune (with blocks or full: torch.compile mode reduce-overhead / max-autotune-no-cudagraphs).
 Each variant runs in a fresh process with its own inductor cache, so a compile is timed cold; `VARIANT@warm`
 reruns it on the cache the previous process left (a resume). One JSON line per variant.
 """
@@ -26,7 +27,9 @@ from bench import configs, kernels, timing
 from training import augment, loss, networks, phema, sampling, speed
 
 PRECISIONS = ('fp32', 'fp16', 'bf16', 'bf16gn32')
-SWITCHES = ('cl', 'blocks', 'full', 'foreach', 'einsum')
+SWITCHES = ('cl', 'blocks', 'full', 'foreach', 'einsum', 'cudagraphs', 'autotune')
+# torch.compile modes of the compile switches
+INDUCTOR_MODES = dict(cudagraphs='reduce-overhead', autotune='max-autotune-no-cudagraphs')
 
 
 def parse_variant(text: str) -> dict:
@@ -36,8 +39,12 @@ def parse_variant(text: str) -> dict:
     if precision not in PRECISIONS or bad:
         raise click.BadParameter(f'{text!r}: precision must be one of {PRECISIONS} and switches from {SWITCHES}')
     compile_mode = 'full' if 'full' in switches else 'blocks' if 'blocks' in switches else None
+    modes = [INDUCTOR_MODES[s] for s in switches if s in INDUCTOR_MODES]
+    if len(modes) > 1 or (modes and compile_mode is None):
+        raise click.BadParameter(f'{text!r}: cudagraphs or autotune (one of them) go with blocks or full')
     return dict(precision=precision, cl='cl' in switches, compile=compile_mode,
-                adam='foreach' if 'foreach' in switches else 'fused', attention='einsum' if 'einsum' in switches else 'sdpa')
+                adam='foreach' if 'foreach' in switches else 'fused', attention='einsum' if 'einsum' in switches else 'sdpa',
+                inductor_mode=modes[0] if modes else None)
 
 
 def _network(net_name: str, size: str, variant: dict, device: torch.device, train: bool) -> torch.nn.Module:
@@ -53,7 +60,9 @@ def _network(net_name: str, size: str, variant: dict, device: torch.device, trai
 
 
 def _compiled(net: torch.nn.Module, variant: dict) -> torch.nn.Module:
-    return speed.compile_network(net, variant['compile']) if variant['compile'] else net
+    if not variant['compile']:
+        return net
+    return speed.compile_network(net, variant['compile'], inductor_mode=variant['inductor_mode'])
 
 
 def build_step(net_name: str, size: str, batch: int, variant: dict, device: torch.device):

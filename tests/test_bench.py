@@ -99,7 +99,11 @@ def test_sweep_train_times_each_variant_on_cpu():
     import click
     from bench import sweep_train
     assert sweep_train.parse_variant('bf16+cl+full+einsum') == dict(precision='bf16', cl=True, compile='full',
-                                                                    adam='fused', attention='einsum')
+                                                                    adam='fused', attention='einsum',
+                                                                    inductor_mode=None)
+    assert sweep_train.parse_variant('bf16+full+cudagraphs')['inductor_mode'] == 'reduce-overhead'
+    with pytest.raises(click.BadParameter, match='go with blocks or full'):
+        sweep_train.parse_variant('bf16+autotune')
     with pytest.raises(click.BadParameter, match='precision must be one of'):
         sweep_train.parse_variant('fp8+cl')
     cpu = torch.device('cpu')

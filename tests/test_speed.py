@@ -60,6 +60,26 @@ def test_compile_traces_the_network_once():
     assert torch.equal(net(x, sigma, labels), ref(x, sigma, labels))  # eager results unchanged
 
 
+def test_autocast_switching_graphs_stay_in_the_compile_cache(tmp_path, monkeypatch):
+    """GroupNorm turns autocast off inside a bf16 graph; AOTAutograd's cache used to bypass such graphs, so every
+    start traced and partitioned the network again. The second compile must be a cache hit."""
+    if speed.compiler_missing('cpu'):
+        pytest.skip(f'inductor needs a C++ compiler here: {speed.compiler_missing("cpu")}')
+    from torch._dynamo.utils import counters
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1), networks.GroupNorm(8, num_groups=2))
+    x = torch.randn(2, 8, 4, 4)
+    for _attempt in range(2):
+        torch._dynamo.reset()
+        counters.clear()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = speed.compile_network(net, backend='inductor')(x)
+        assert out.dtype == torch.bfloat16  # group norm ran in the input's dtype, autocast off around it
+        out.float().sum().backward()
+    assert counters['aot_autograd'].get('autograd_cache_hit') == 1, dict(counters['aot_autograd'])
+
+
 def test_compile_network_rejects_unknown_mode():
     with pytest.raises(ValueError, match='compile mode'):
         speed.compile_network(_tiny_edm(), 'everything')

@@ -43,7 +43,7 @@ def _region_types() -> tuple[type, ...]:
     return tuple(types)
 
 
-def compile_regions(net: torch.nn.Module, backend: str | None = None) -> list[str]:
+def compile_regions(net: torch.nn.Module, backend: str | None = None, inductor_mode: str | None = None) -> list[str]:
     """Compile each repeated block of `net` in place (regional compilation); returns the compiled modules' names.
 
     Blocks of one class and shape share one compiled graph, so a UNet compiles a handful of graphs instead of one
@@ -53,30 +53,46 @@ def compile_regions(net: torch.nn.Module, backend: str | None = None) -> list[st
     names = []
     for name, module in net.named_modules():
         if isinstance(module, region_types) and not any(name.startswith(done + '.') for done in names):
-            module.compile(backend=backend or DEFAULT_BACKEND, dynamic=False)
+            module.compile(backend=backend or DEFAULT_BACKEND, dynamic=False, mode=inductor_mode)
             names.append(name)
     # Each distinct block configuration is one cache entry of the same code object.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * max(len(names), 1))
     return names
 
 
-def compile_network(net: torch.nn.Module, mode: str | None = None, backend: str | None = None) -> torch.nn.Module:
+def compile_network(net: torch.nn.Module, mode: str | None = None, backend: str | None = None,
+                    inductor_mode: str | None = None) -> torch.nn.Module:
     """The module to call: torch.compile(net) ('full', the default) or `net` with compiled blocks ('blocks').
 
     Network wrappers that batch or overlap two networks (training/guidance.py) get their blocks compiled.
+    `inductor_mode` is torch.compile's mode ('reduce-overhead': CUDA graphs, 'max-autotune-no-cudagraphs', ...).
     """
     mode = mode or DEFAULT_COMPILE_MODE
     backend = backend or DEFAULT_BACKEND
     if mode not in COMPILE_MODES:
         raise ValueError(f'compile mode must be one of {COMPILE_MODES}, got {mode!r}')
     keep_compiled_kernels()
+    cacheable_autocast()
     plain_scalars(net)
     from training import guidance
     wrapper = isinstance(net, (guidance.BatchedGuidance, guidance.OverlappedGuidance))
     if mode == 'blocks' or wrapper:
-        if compile_regions(net, backend=backend):
+        if compile_regions(net, backend=backend, inductor_mode=inductor_mode):
             return net
-    return torch.compile(net, backend=backend, dynamic=False)
+    return torch.compile(net, backend=backend, dynamic=False, mode=inductor_mode)
+
+
+def cacheable_autocast() -> None:
+    """Let AOTAutograd's cache keep graphs that switch autocast (GroupNorm turns it off, networks._autocast_off).
+    torch treats every private function in a graph as unsafe to cache, so a bf16 network was traced, differentiated
+    and partitioned again at every start: 38 of the 45 s of a warm-cache compile of DDPM++ on an H200. Entering and
+    leaving autocast is recorded in the graph with its arguments, so the cache key covers it."""
+    from torch._inductor import config
+    marked = getattr(config, 'unsafe_marked_cacheable_functions', None)
+    functions = [getattr(torch.amp.autocast_mode, name, None) for name in ('_enter_autocast', '_exit_autocast')]
+    if isinstance(marked, dict):
+        for fn in filter(None, functions):
+            marked.setdefault(f'{fn.__module__}.{fn.__name__}', torch.__version__)
 
 
 def plain_scalars(net: torch.nn.Module) -> int:
