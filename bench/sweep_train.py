@@ -7,7 +7,9 @@ EMA) under each combination of precision, memory format, compile mode, Adam and 
 A variant is '+'-joined switches: a precision (fp32, fp16 = the reference fp16 path, bf16 = autocast with
 bf16 group norm, bf16gn32 = autocast with float32 group norm), then any of cl (channels-last weights),
 blocks / full (torch.compile per block / whole network), foreach (Adam), einsum (reference attention),
-cudagraphs / autotune (with blocks or full: torch.compile mode reduce-overhead / max-autotune-no-cudagraphs).
+cudagraphs / autotune (with blocks or full: torch.compile mode reduce-overhead / max-autotune-no-cudagraphs),
+nhwc (with blocks or full: inductor runs every convolution channels-last; its heuristic declines DDPM++, whose
+decoder convolutions halve the channels, and cuDNN then transposes around each convolution).
 Each variant runs in a fresh process with its own inductor cache, so a compile is timed cold; `VARIANT@warm`
 reruns it on the cache the previous process left (a resume). One JSON line per variant.
 """
@@ -27,7 +29,7 @@ from bench import configs, kernels, timing
 from training import augment, loss, networks, phema, sampling, speed
 
 PRECISIONS = ('fp32', 'fp16', 'bf16', 'bf16gn32')
-SWITCHES = ('cl', 'blocks', 'full', 'foreach', 'einsum', 'cudagraphs', 'autotune')
+SWITCHES = ('cl', 'blocks', 'full', 'foreach', 'einsum', 'cudagraphs', 'autotune', 'nhwc')
 # torch.compile modes of the compile switches
 INDUCTOR_MODES = dict(cudagraphs='reduce-overhead', autotune='max-autotune-no-cudagraphs')
 
@@ -40,11 +42,11 @@ def parse_variant(text: str) -> dict:
         raise click.BadParameter(f'{text!r}: precision must be one of {PRECISIONS} and switches from {SWITCHES}')
     compile_mode = 'full' if 'full' in switches else 'blocks' if 'blocks' in switches else None
     modes = [INDUCTOR_MODES[s] for s in switches if s in INDUCTOR_MODES]
-    if len(modes) > 1 or (modes and compile_mode is None):
-        raise click.BadParameter(f'{text!r}: cudagraphs or autotune (one of them) go with blocks or full')
+    if len(modes) + ('nhwc' in switches) > 1 or ((modes or 'nhwc' in switches) and compile_mode is None):
+        raise click.BadParameter(f'{text!r}: cudagraphs, autotune or nhwc (one of them) go with blocks or full')
     return dict(precision=precision, cl='cl' in switches, compile=compile_mode,
                 adam='foreach' if 'foreach' in switches else 'fused', attention='einsum' if 'einsum' in switches else 'sdpa',
-                inductor_mode=modes[0] if modes else None)
+                inductor_mode=modes[0] if modes else None, nhwc='nhwc' in switches)
 
 
 def _network(net_name: str, size: str, variant: dict, device: torch.device, train: bool) -> torch.nn.Module:
@@ -62,7 +64,8 @@ def _network(net_name: str, size: str, variant: dict, device: torch.device, trai
 def _compiled(net: torch.nn.Module, variant: dict) -> torch.nn.Module:
     if not variant['compile']:
         return net
-    return speed.compile_network(net, variant['compile'], inductor_mode=variant['inductor_mode'])
+    options = dict(force_layout_optimization=True) if variant['nhwc'] else None
+    return speed.compile_network(net, variant['compile'], inductor_mode=variant['inductor_mode'], options=options)
 
 
 def build_step(net_name: str, size: str, batch: int, variant: dict, device: torch.device):

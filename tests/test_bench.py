@@ -100,10 +100,12 @@ def test_sweep_train_times_each_variant_on_cpu():
     from bench import sweep_train
     assert sweep_train.parse_variant('bf16+cl+full+einsum') == dict(precision='bf16', cl=True, compile='full',
                                                                     adam='fused', attention='einsum',
-                                                                    inductor_mode=None)
+                                                                    inductor_mode=None, nhwc=False)
     assert sweep_train.parse_variant('bf16+full+cudagraphs')['inductor_mode'] == 'reduce-overhead'
-    with pytest.raises(click.BadParameter, match='go with blocks or full'):
-        sweep_train.parse_variant('bf16+autotune')
+    assert sweep_train.parse_variant('bf16+full+nhwc')['nhwc']
+    for bad in ('bf16+autotune', 'bf16+nhwc', 'bf16+full+nhwc+cudagraphs'):
+        with pytest.raises(click.BadParameter, match='go with blocks or full'):
+            sweep_train.parse_variant(bad)
     with pytest.raises(click.BadParameter, match='precision must be one of'):
         sweep_train.parse_variant('fp8+cl')
     cpu = torch.device('cpu')

@@ -43,7 +43,8 @@ def _region_types() -> tuple[type, ...]:
     return tuple(types)
 
 
-def compile_regions(net: torch.nn.Module, backend: str | None = None, inductor_mode: str | None = None) -> list[str]:
+def compile_regions(net: torch.nn.Module, backend: str | None = None, inductor_mode: str | None = None,
+                    options: dict | None = None) -> list[str]:
     """Compile each repeated block of `net` in place (regional compilation); returns the compiled modules' names.
 
     Blocks of one class and shape share one compiled graph, so a UNet compiles a handful of graphs instead of one
@@ -53,7 +54,7 @@ def compile_regions(net: torch.nn.Module, backend: str | None = None, inductor_m
     names = []
     for name, module in net.named_modules():
         if isinstance(module, region_types) and not any(name.startswith(done + '.') for done in names):
-            module.compile(backend=backend or DEFAULT_BACKEND, dynamic=False, mode=inductor_mode)
+            module.compile(backend=backend or DEFAULT_BACKEND, dynamic=False, mode=inductor_mode, options=options)
             names.append(name)
     # Each distinct block configuration is one cache entry of the same code object.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * max(len(names), 1))
@@ -61,11 +62,12 @@ def compile_regions(net: torch.nn.Module, backend: str | None = None, inductor_m
 
 
 def compile_network(net: torch.nn.Module, mode: str | None = None, backend: str | None = None,
-                    inductor_mode: str | None = None) -> torch.nn.Module:
+                    inductor_mode: str | None = None, options: dict | None = None) -> torch.nn.Module:
     """The module to call: torch.compile(net) ('full', the default) or `net` with compiled blocks ('blocks').
 
     Network wrappers that batch or overlap two networks (training/guidance.py) get their blocks compiled.
-    `inductor_mode` is torch.compile's mode ('reduce-overhead': CUDA graphs, 'max-autotune-no-cudagraphs', ...).
+    `inductor_mode` is torch.compile's mode ('reduce-overhead': CUDA graphs, 'max-autotune-no-cudagraphs', ...),
+    `options` its inductor settings (one or the other, as torch.compile takes them).
     """
     mode = mode or DEFAULT_COMPILE_MODE
     backend = backend or DEFAULT_BACKEND
@@ -77,9 +79,9 @@ def compile_network(net: torch.nn.Module, mode: str | None = None, backend: str 
     from training import guidance
     wrapper = isinstance(net, (guidance.BatchedGuidance, guidance.OverlappedGuidance))
     if mode == 'blocks' or wrapper:
-        if compile_regions(net, backend=backend, inductor_mode=inductor_mode):
+        if compile_regions(net, backend=backend, inductor_mode=inductor_mode, options=options):
             return net
-    return torch.compile(net, backend=backend, dynamic=False, mode=inductor_mode)
+    return torch.compile(net, backend=backend, dynamic=False, mode=inductor_mode, options=options)
 
 
 def cacheable_autocast() -> None:
