@@ -234,3 +234,32 @@ def test_generate_cli_fast_path_flags(pickles, tmp_path):
         a = np.asarray(PIL.Image.open(tmp_path / 'ref' / f'{seed:06d}.png')).astype(int)
         b = np.asarray(PIL.Image.open(tmp_path / 'fast' / f'{seed:06d}.png')).astype(int)
         assert np.abs(a - b).max() <= 1
+
+
+def test_png_writer_writes_in_the_background_and_reports_errors(tmp_path, monkeypatch):
+    """PngWriter: every queued image is on disk when the block ends; a failed write is raised, not lost."""
+    from training import sampling
+    images = torch.randint(0, 256, [3, 3, 8, 8], dtype=torch.uint8)
+    with sampling.PngWriter(str(tmp_path / 'out')) as writer:
+        writer.write([5, 6], images[:2])
+        writer.write([7], images[2:])
+    for seed, image in zip([5, 6, 7], images):
+        assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / 'out' / f'{seed:06d}.png')), image.permute(1, 2, 0).numpy())
+    calls = []
+    def fail(image, path):
+        calls.append(path)
+        raise OSError('No space left on device')
+    monkeypatch.setattr(sampling, 'save_png', fail)
+    with pytest.raises(OSError, match='No space left'):
+        with sampling.PngWriter(str(tmp_path / 'full')) as writer:
+            writer.write([1], images[:1])
+    assert len(calls) == 1
+    writer = sampling.PngWriter(str(tmp_path / 'full'))
+    writer.write([1], images[:1])
+    with pytest.raises(OSError, match='No space left'):  # or by the next batch's write, which queues nothing
+        writer.write([2], images[1:2])
+    writer.close()
+    assert len(calls) == 2
+    with sampling.PngWriter(None) as writer:  # no outdir: nothing written, nothing queued
+        writer.write([1], images[:1])
+        assert writer._pending is None

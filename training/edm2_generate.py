@@ -32,13 +32,13 @@ class GeneratedBatches:
         return len(self.batches)
 
     def __iter__(self) -> Iterator[dnnlib.EasyDict]:
-        for batch in self.batches:
-            if self.outdir is not None and batch.images is not None:
-                for seed, image in zip(batch.seeds, batch.images):
-                    sampling.save_png(image, sampling.image_path(self.outdir, seed, self.subdirs))
-            dist.barrier()  # Keep the ranks in step, as the reference does after every batch.
-            yield dnnlib.EasyDict(images=batch.images, labels=batch.labels, noise=batch.noise, batch_idx=batch.batch_idx,
-                                  num_batches=batch.num_batches, indices=batch.indices, seeds=batch.seeds)
+        with sampling.PngWriter(self.outdir, self.subdirs) as writer:  # PNGs written while the next batch samples
+            for batch in self.batches:
+                writer.write(batch.seeds, batch.images)
+                dist.barrier()  # Keep the ranks in step, as the reference does after every batch.
+                yield dnnlib.EasyDict(images=batch.images, labels=batch.labels, noise=batch.noise,
+                                      batch_idx=batch.batch_idx, num_batches=batch.num_batches, indices=batch.indices,
+                                      seeds=batch.seeds)
 
 
 def _load(source, what: str, verbose: bool, trust: bool, device: torch.device):

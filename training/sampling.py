@@ -19,6 +19,7 @@ each seed produces the same image whatever the batch it is drawn in.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import inspect
@@ -746,6 +747,48 @@ def save_png(image: torch.Tensor | np.ndarray | PIL.Image.Image, path: str) -> N
         pil.save(f, format='PNG')
 
 
+class PngWriter:
+    """Writes each batch's PNGs (atomically, save_png) in one background thread while the next batch is sampled.
+
+    The atomic writes of 512 CIFAR-sized images take about 0.3 s (fsync per file), which the GPU spent idle
+    between batches: generate.py --fast ran at 197 img/s against 235 for the sampler alone on an H200.
+    At most one batch waits for the thread; an error in it is raised by the next write() or by close().
+    Leaving the `with` block waits for the last batch, also when the loop stopped with an exception.
+    """
+
+    def __init__(self, outdir: str | None, subdirs: bool = False):
+        self.outdir, self.subdirs = outdir, subdirs
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='png-writer')
+        self._pending = None
+
+    def write(self, seeds: Sequence[int], images) -> None:
+        """Queue the PNGs of one batch (CPU uint8 CHW images); no-op without an outdir."""
+        self._wait()
+        if self.outdir is not None and images is not None:
+            self._pending = self._pool.submit(self._write_all, list(seeds), list(images))
+
+    def _write_all(self, seeds: list[int], images: list) -> None:
+        for seed, image in zip(seeds, images):
+            save_png(image, image_path(self.outdir, seed, self.subdirs))
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self._wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> PngWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
 def image_grid(images: torch.Tensor | np.ndarray, grid_w: int | None = None) -> np.ndarray:
     """Tile N uint8 CHW images row by row into one CHW image; grid_w None = about square, blanks filled black."""
     images = np.asarray(images)
@@ -872,12 +915,11 @@ def generate_from_config(cfg) -> None:
     skipped = len(cfg.seeds) - len(seeds)
     dist.print0(f'Generating {len(seeds)} images' + (f' ({skipped} already written)' if skipped else '') + ' ...')
     kept = {}
-    for batch in tqdm.tqdm(batches, unit='batch', disable=(rank != 0)):
-        for seed, image in zip(batch.seeds, batch.images if batch.images is not None else []):
-            if cfg.outdir is not None:
-                save_png(image, image_path(cfg.outdir, seed, cfg.subdirs))
-            if cfg.grid is not None:
-                kept[seed] = image.numpy()
+    with PngWriter(cfg.outdir, cfg.subdirs) as writer:
+        for batch in tqdm.tqdm(batches, unit='batch', disable=(rank != 0)):
+            writer.write(batch.seeds, batch.images)
+            if cfg.grid is not None and batch.images is not None:
+                kept.update((seed, image.numpy()) for seed, image in zip(batch.seeds, batch.images))
     dist.barrier()
 
     if cfg.grid is not None:
