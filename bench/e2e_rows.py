@@ -100,7 +100,9 @@ ROWS = [
     Row('gen-fast-rerun',           'generate', ('--fast',), warm_from='gen-fast'),  # the same command again, on inductor's cache
     Row('fid-calc',                 'fid',      (), ref=True, fp32=True),
     Row('fid-gen',                  'fid-gen',  (), ref=True, fp32=True),  # generate.py's sampler + Inception, no PNGs
-    Row('encode-b1',                'encode',   ('--batch=1',), ref=True, fp32=True),  # the reference's one image per VAE call
+    Row('encode-b1-tf32',           'encode',   ('--batch=1', '--precision=tf32'), ref=True),  # the reference: one image per call, TF32 convolutions
+    Row('encode-b1',                'encode',   ('--batch=1',), fp32=True),
+    Row('encode-b32-tf32',          'encode',   ('--batch=32', '--precision=tf32')),
     Row('encode-b8',                'encode',   ('--batch=8',)),
     Row('encode-b32-bf16',          'encode',   ('--batch=32', '--precision=bf16')),
 ]

@@ -207,3 +207,11 @@ def test_scripts_end_to_end_on_cuda(tmp_path):
            f'--images={tmp_path / "torchrun"}', f'--ref={qs / "dataset-ref.npz"}', '--num=8', '--device=cuda')
     out = script('fid.py', 'gen', f'--net={snapshot}', f'--ref={qs / "dataset-ref.npz"}', '--num=8', '--steps=8', '--device=cuda')
     assert re.search(r'^fid = \d', out, re.MULTILINE), out[-2000:]
+
+
+def test_encode_precision_sets_tf32_as_the_reference_does():
+    """fp32 turns cuDNN's TF32 off; tf32 keeps torch's default (on), under which the reference encoder runs."""
+    from training import dataset_encode
+    for precision, tf32 in (('fp32', False), ('tf32', True)):
+        dataset_encode._setup('cuda', precision)
+        assert torch.backends.cudnn.allow_tf32 == tf32 and not torch.backends.cuda.matmul.allow_tf32

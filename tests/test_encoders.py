@@ -120,6 +120,11 @@ def test_encode_decode(tiny_vae, png_dataset, tmp_path):
     expected = StabilityVAEEncoder(vae_name=tiny_vae).encode_pixels(
         torch.from_numpy(np.array(PIL.Image.open(png_dataset / 'b' / '3.png'))).permute(2, 0, 1)[None])
     np.testing.assert_allclose(ds[3][0], expected[0].numpy(), rtol=1e-5, atol=1e-6)
+    # --precision=tf32 (the reference's cuDNN default) changes only CUDA convolutions: the same bytes on the CPU.
+    result = run_tool('encode', '--source', png_dataset, '--dest', tmp_path / 'tf32', '--model', tiny_vae, '--batch', 2,
+                      '--workers', 0, '--precision', 'tf32')
+    assert result.exit_code == 0, result.output
+    assert read_folder(tmp_path / 'tf32') == files
 
     # Resume after an interruption: only the missing file is made again, identically; batch size does not matter.
     os.remove(latents / 'dataset.json')

@@ -22,7 +22,9 @@ import dnnlib
 from training.dataset_convert import (DatasetWriter, Source, get_handle, archive_fname, close_handles, encode_png,
                                       file_ext, labels_json, open_image_folder, open_image_zip, open_source, read_pixels)
 
-PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+# fp32: no TF32 anywhere. tf32: torch's defaults, under which the reference encoder runs (cuDNN convolutions in
+# TF32, matmuls in fp32). bf16/fp16: autocast (CUDA only).
+PRECISIONS = {'fp32': None, 'tf32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 #----------------------------------------------------------------------------
 # Reading latents.
@@ -162,8 +164,9 @@ def _setup(device: str, precision: str) -> tuple[torch.device, contextlib.Abstra
     if PRECISIONS[precision] is not None and dev.type != 'cuda':
         raise ValueError(f'--precision={precision} needs a CUDA device; use --precision=fp32 on {dev.type}')
     distributed.init(dev)
-    if dev.type == 'cuda':  # fp32 means fp32: no TF32 convolutions/matmuls (cuDNN would use them by default)
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if dev.type == 'cuda':  # fp32 means fp32 (cuDNN would use TF32 by default); tf32 keeps the reference's defaults
+        torch.backends.cudnn.allow_tf32 = precision == 'tf32'
+        torch.backends.cuda.matmul.allow_tf32 = False
     autocast = torch.autocast(dev.type, dtype=PRECISIONS[precision]) if PRECISIONS[precision] else contextlib.nullcontext()
     return dev, autocast
 
@@ -218,7 +221,7 @@ def encode_dataset(
     model:      str = 'stabilityai/sd-vae-ft-mse', # Hugging Face name or local diffusers folder of the VAE.
     max_images: Optional[int] = None,   # Encode at most this many images. None = all.
     batch:      int = 8,                # Images per VAE call; does not change the results.
-    precision:  str = 'fp32',           # fp32, or bf16/fp16 autocast on CUDA.
+    precision:  str = 'fp32',           # fp32, tf32 (the reference's cuDNN default), or bf16/fp16 autocast on CUDA.
     device:     str = 'auto',           # auto, cpu, cuda, cuda:N or mps.
     workers:    int = 2,                # DataLoader processes that decode images. 0 = main process.
     progress:   bool = True,            # Show a tqdm progress bar?
@@ -247,7 +250,7 @@ def decode_dataset(
     model:      str = 'stabilityai/sd-vae-ft-mse', # Hugging Face name or local diffusers folder of the VAE.
     max_images: Optional[int] = None,   # Decode at most this many latents. None = all.
     batch:      int = 8,                # Latents per VAE call; does not change the results.
-    precision:  str = 'fp32',           # fp32, or bf16/fp16 autocast on CUDA.
+    precision:  str = 'fp32',           # fp32, tf32 (the reference's cuDNN default), or bf16/fp16 autocast on CUDA.
     device:     str = 'auto',           # auto, cpu, cuda, cuda:N or mps.
     seed:       int = 0,                # Seed of the posterior samples mean + std * noise.
     workers:    int = 2,                # DataLoader processes that read latents. 0 = main process.
