@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from training import networks, networks_ddpm, networks_edm2, presets, presets_generate, speed
+from training import networks, networks_cifar_edm2, networks_ddpm, networks_edm2, presets, presets_generate, speed
 
 
 def _tiny_edm(**kwargs):
@@ -78,6 +78,44 @@ def test_autocast_switching_graphs_stay_in_the_compile_cache(tmp_path, monkeypat
         assert out.dtype == torch.bfloat16  # group norm ran in the input's dtype, autocast off around it
         out.float().sum().backward()
     assert counters['aot_autograd'].get('autograd_cache_hit') == 1, dict(counters['aot_autograd'])
+
+
+_BACKBONES = {
+    'songunet': (_tiny_edm, lambda: (torch.randn(2, 3, 16, 16), torch.ones(2), torch.eye(4)[:2])),
+    'dhariwalunet': (lambda: networks.EDMPrecond(img_resolution=16, img_channels=3, label_dim=4, model_type='DhariwalUNet',
+                                                 model_channels=16, channel_mult=[1, 2], num_blocks=1,
+                                                 attn_resolutions=[8]), lambda: (torch.randn(2, 3, 16, 16), torch.ones(2), torch.eye(4)[:2])),
+    'edm2': (lambda: networks_edm2.Precond(img_resolution=8, img_channels=4, label_dim=0, model_channels=16,
+                                           channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=8),
+             lambda: (torch.randn(2, 4, 8, 8), torch.ones(2), None)),
+    'ddpm': (lambda: networks_ddpm.UNet(in_channels=3, hid_channels=32, out_channels=3, ch_multipliers=(1, 2),
+                                        num_res_blocks=1, apply_attn=(False, True), drop_rate=0.0),
+             lambda: (torch.randn(2, 3, 16, 16), torch.ones(2))),
+    'cifar-edm2': (lambda: networks_cifar_edm2.CifarPrecond(img_resolution=8, img_channels=3, config='E', n_channels=32,
+                                                            ch_mults=[1, 1], is_attn=[False, True], dropout=0, n_blocks=2),
+                   lambda: (torch.randn(2, 3, 8, 8), torch.ones(2))),
+}
+
+
+@pytest.mark.parametrize('name', sorted(_BACKBONES))
+def test_every_backbone_graph_can_live_in_the_compile_cache(name):
+    """What dynamo captures of each backbone, bf16 or not, training or sampling, must be cacheable by AOTAutograd,
+    or every start recompiles from scratch (the EDM2 network's np.sqrt calls on Python numbers were traced as numpy
+    ops, which the cache refuses; GroupNorm's autocast switch likewise until speed.cacheable_autocast)."""
+    from torch._functorch._aot_autograd.autograd_cache import check_cacheable
+    build, inputs = _BACKBONES[name]
+    speed.cacheable_autocast()
+    for train in (True, False):
+        for bf16 in (False, True):
+            graphs = []
+            torch._dynamo.reset()
+            net = build().train(train)
+            speed.plain_scalars(net)
+            compiled = torch.compile(net, backend=lambda gm, _inputs: graphs.append(gm) or gm.forward, dynamic=False)
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16), torch.set_grad_enabled(train):
+                compiled(*inputs())
+            assert len(graphs) == 1, f'{name}: {len(graphs)} graphs (graph breaks)'
+            check_cacheable(graphs[0])  # raises BypassAOTAutogradCache with the reason
 
 
 def test_compile_network_rejects_unknown_mode():

@@ -7,6 +7,7 @@ B-F of Table 1 are available through `config=` (docs/edm2-configs.md); size pres
 """
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -47,7 +48,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     if use_sdpa(q.shape[2]):
         out = torch.nn.functional.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
         return out.transpose(-1, -2)
-    w = torch.einsum('nhcq,nhck->nhqk', q, k / np.sqrt(q.shape[2])).softmax(dim=3)
+    w = torch.einsum('nhcq,nhck->nhqk', q, k / math.sqrt(q.shape[2])).softmax(dim=3)
     return torch.einsum('nhqk,nhck->nhcq', w, v)
 
 #----------------------------------------------------------------------------
@@ -58,7 +59,7 @@ def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
     if dim is None:
         dim = list(range(1, x.ndim))
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
-    norm = norm * np.sqrt(norm.numel() / x.numel()) + eps  # L2 norm -> RMS
+    norm = norm * math.sqrt(norm.numel() / x.numel()) + eps  # L2 norm -> RMS
     return x / norm.to(x.dtype)
 
 
@@ -91,14 +92,14 @@ def mp_silu(x: torch.Tensor) -> torch.Tensor:
 
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     """Magnitude-preserving weighted sum (1-t) a + t b, EDM2 Eq. 88."""
-    return a.lerp(b, t) / np.sqrt((1 - t) ** 2 + t ** 2)
+    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
 
 
 def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:
     """Magnitude-preserving concatenation with balance t, EDM2 Eq. 103."""
     na, nb = a.shape[dim], b.shape[dim]
-    scale = np.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
-    return torch.cat([a * (scale / np.sqrt(na) * (1 - t)), b * (scale / np.sqrt(nb) * t)], dim=dim)
+    scale = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
+    return torch.cat([a * (scale / math.sqrt(na) * (1 - t)), b * (scale / math.sqrt(nb) * t)], dim=dim)
 
 #----------------------------------------------------------------------------
 
@@ -116,7 +117,7 @@ class MPFourier(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.outer(x.to(torch.float32), self.freqs.to(torch.float32))
-        y = (y + self.phases.to(torch.float32)).cos() * np.sqrt(2)
+        y = (y + self.phases.to(torch.float32)).cos() * math.sqrt(2)
         return y.to(x.dtype)
 
 
@@ -142,7 +143,7 @@ class MPConv(torch.nn.Module):
             # (not `with no_grad(): weight.copy_()`) because inductor drops the latter (torch 2.13).
             self.weight.detach().copy_(normalize(w.detach()))
         w = normalize(w)  # and the gradient sees a normalized weight (standard weight normalization)
-        w = w * (gain / np.sqrt(w[0].numel()))  # unit fan-in variance
+        w = w * (gain / math.sqrt(w[0].numel()))  # unit fan-in variance
         w = w.to(x.dtype)
         if w.ndim == 2:
             return x @ w.t()
@@ -414,12 +415,12 @@ class UNet(torch.nn.Module):
         act = mp_silu if cfg.mp_fixed else torch.nn.functional.silu
         emb = self.emb_fourier(noise_labels)
         if not cfg.adm_layers and not cfg.mp_fixed:
-            emb = emb / np.sqrt(2)  # unit-amplitude cosines before G made them magnitude-preserving
+            emb = emb / math.sqrt(2)  # unit-amplitude cosines before G made them magnitude-preserving
         emb = self.emb_noise(emb)
         if cfg.adm_layers:
             emb = self.emb_mlp(act(emb))
         if self.emb_label is not None:
-            label_emb = self.emb_label(class_labels * np.sqrt(class_labels.shape[1]))
+            label_emb = self.emb_label(class_labels * math.sqrt(class_labels.shape[1]))
             emb = mp_sum(emb, label_emb, t=self.label_balance) if cfg.mp_fixed else emb + label_emb
         return act(emb)
 
