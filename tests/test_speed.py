@@ -31,14 +31,31 @@ def test_compile_regions_same_outputs_gradients_and_keys():
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=bound)
 
 
-@pytest.mark.parametrize('build, block_type', [
-    (lambda: networks_edm2.Precond(img_resolution=8, img_channels=4, label_dim=0, model_channels=16, channel_mult=[1, 2],
-                                   num_blocks=1, attn_resolutions=[4], channels_per_head=8), networks_edm2.Block),
-    (lambda: networks_ddpm.UNet(in_channels=3, hid_channels=32, out_channels=3, ch_multipliers=(1, 2), num_res_blocks=1,
-                                apply_attn=(False, True), drop_rate=0.0), networks_ddpm.ResidualBlock),
-])
-def test_compile_regions_finds_the_blocks_of_each_backbone(build, block_type):
-    net = build()
+def _edm_inputs():
+    return torch.randn(2, 3, 16, 16), torch.ones(2), torch.eye(4)[:2]
+
+
+# Tiny networks of every backbone family: (build, inputs).
+_BACKBONES = {
+    'songunet': (_tiny_edm, _edm_inputs),
+    'dhariwalunet': (lambda: networks.EDMPrecond(img_resolution=16, img_channels=3, label_dim=4, model_type='DhariwalUNet',
+                                                 model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8]),
+                     _edm_inputs),
+    'edm2': (lambda: networks_edm2.Precond(img_resolution=8, img_channels=4, label_dim=0, model_channels=16,
+                                           channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=8),
+             lambda: (torch.randn(2, 4, 8, 8), torch.ones(2), None)),
+    'ddpm': (lambda: networks_ddpm.UNet(in_channels=3, hid_channels=32, out_channels=3, ch_multipliers=(1, 2),
+                                        num_res_blocks=1, apply_attn=(False, True), drop_rate=0.0),
+             lambda: (torch.randn(2, 3, 16, 16), torch.ones(2))),
+    'cifar-edm2': (lambda: networks_cifar_edm2.CifarPrecond(img_resolution=8, img_channels=3, config='E', n_channels=32,
+                                                            ch_mults=[1, 1], is_attn=[False, True], dropout=0, n_blocks=2),
+                   lambda: (torch.randn(2, 3, 8, 8), torch.ones(2))),
+}
+
+
+@pytest.mark.parametrize('name, block_type', [('edm2', networks_edm2.Block), ('ddpm', networks_ddpm.ResidualBlock)])
+def test_compile_regions_finds_the_blocks_of_each_backbone(name, block_type):
+    net = _BACKBONES[name][0]()
     names = speed.compile_regions(net, backend='eager')
     assert any(isinstance(net.get_submodule(n), block_type) for n in names)
     assert not any(a != b and b.startswith(a + '.') for a in names for b in names)  # no block inside a compiled one
@@ -78,23 +95,6 @@ def test_autocast_switching_graphs_stay_in_the_compile_cache(tmp_path, monkeypat
         assert out.dtype == torch.bfloat16  # group norm ran in the input's dtype, autocast off around it
         out.float().sum().backward()
     assert counters['aot_autograd'].get('autograd_cache_hit') == 1, dict(counters['aot_autograd'])
-
-
-_BACKBONES = {
-    'songunet': (_tiny_edm, lambda: (torch.randn(2, 3, 16, 16), torch.ones(2), torch.eye(4)[:2])),
-    'dhariwalunet': (lambda: networks.EDMPrecond(img_resolution=16, img_channels=3, label_dim=4, model_type='DhariwalUNet',
-                                                 model_channels=16, channel_mult=[1, 2], num_blocks=1,
-                                                 attn_resolutions=[8]), lambda: (torch.randn(2, 3, 16, 16), torch.ones(2), torch.eye(4)[:2])),
-    'edm2': (lambda: networks_edm2.Precond(img_resolution=8, img_channels=4, label_dim=0, model_channels=16,
-                                           channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=8),
-             lambda: (torch.randn(2, 4, 8, 8), torch.ones(2), None)),
-    'ddpm': (lambda: networks_ddpm.UNet(in_channels=3, hid_channels=32, out_channels=3, ch_multipliers=(1, 2),
-                                        num_res_blocks=1, apply_attn=(False, True), drop_rate=0.0),
-             lambda: (torch.randn(2, 3, 16, 16), torch.ones(2))),
-    'cifar-edm2': (lambda: networks_cifar_edm2.CifarPrecond(img_resolution=8, img_channels=3, config='E', n_channels=32,
-                                                            ch_mults=[1, 1], is_attn=[False, True], dropout=0, n_blocks=2),
-                   lambda: (torch.randn(2, 3, 8, 8), torch.ones(2))),
-}
 
 
 @pytest.mark.parametrize('name', sorted(_BACKBONES))
