@@ -62,7 +62,8 @@ def profile(fn, device: torch.device, calls: int = 3, top: int = 30) -> dict:
         kernels[event.name][1] += 1
     groups = {}
     for name, (seconds, _count) in kernels.items():
-        groups[group_of(name)] = groups.get(group_of(name), 0.0) + seconds
+        group = group_of(name)
+        groups[group] = groups.get(group, 0.0) + seconds
     ranked = sorted(kernels.items(), key=lambda item: -item[1][0])[:top]
     return dict(wall_s=wall, busy_s=sum(s for s, _c in kernels.values()), launches=sum(c for _s, c in kernels.values()) // calls,
                 groups=dict(sorted(groups.items(), key=lambda item: -item[1])),
