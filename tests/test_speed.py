@@ -1,5 +1,7 @@
 """training/speed.py: regional compilation keeps outputs and state_dict keys; --fast and the device checks."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -105,17 +107,36 @@ def test_every_backbone_graph_can_live_in_the_compile_cache(name):
     from torch._functorch._aot_autograd.autograd_cache import check_cacheable
     build, inputs = _BACKBONES[name]
     speed.cacheable_autocast()
-    for train in (True, False):
-        for bf16 in (False, True):
-            graphs = []
-            torch._dynamo.reset()
-            net = build().train(train)
-            speed.plain_scalars(net)
-            compiled = torch.compile(net, backend=lambda gm, _inputs: graphs.append(gm) or gm.forward, dynamic=False)
-            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16), torch.set_grad_enabled(train):
-                compiled(*inputs())
-            assert len(graphs) == 1, f'{name}: {len(graphs)} graphs (graph breaks)'
-            check_cacheable(graphs[0])  # raises BypassAOTAutogradCache with the reason
+    # EDM's backbones run wide heads (DDPM++: one of 256 channels) through the einsum with float32 weights
+    attentions = ('auto', 'reference') if name in ('songunet', 'dhariwalunet') else ('auto',)
+    for attention, train, bf16 in itertools.product(attentions, (True, False), (False, True)):
+        graphs = []
+        torch._dynamo.reset()
+        net = build().train(train)
+        speed.plain_scalars(net)
+        compiled = torch.compile(net, backend=lambda gm, _inputs: graphs.append(gm) or gm.forward, dynamic=False)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16), torch.set_grad_enabled(train), \
+                networks.attention_impl(attention):
+            compiled(*inputs())
+        assert len(graphs) == 1, f'{name}: {len(graphs)} graphs (graph breaks)'
+        check_cacheable(graphs[0])  # raises BypassAOTAutogradCache with the reason
+
+
+def test_compiled_einsum_attention_gives_the_eager_gradients():
+    """Under torch.compile the float32-weight attention runs in plain ops instead of its autograd.Function (which
+    keeps graphs out of the compile cache); outputs and gradients must stay the eager network's."""
+    net, ref = _tiny_edm(), _tiny_edm()
+    net.eval(), ref.eval()
+    x, sigma, labels = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 3.0]), torch.eye(4)[[1, 3]]
+    with networks.attention_impl('reference'):
+        torch._dynamo.reset()
+        out = speed.compile_network(net, backend='aot_eager')(x, sigma, labels)
+        out_ref = ref(x, sigma, labels)
+        out.square().sum().backward()
+        out_ref.square().sum().backward()
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-5)
+    for (name, p), q in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_compile_network_rejects_unknown_mode():
@@ -274,3 +295,13 @@ def test_fid_gen_passes_the_speed_switches(monkeypatch):
     assert result.exit_code == 0, result.output
     assert (seen['precision'], seen['compile']) == ('fp32', False)
     assert result.output.count('Warning: --fast turns nothing on') == 1
+
+
+def test_compiled_edm_training_runs_convolutions_channels_last_on_cuda_only():
+    """train.py's compile forces inductor's channels-last convolutions for EDM's networks on CUDA (measured on
+    DDPM++); other devices and the other network families keep inductor's own choice."""
+    cuda, cpu = torch.device('cuda'), torch.device('cpu')
+    assert speed.train_compile_options(_tiny_edm(), cuda) == dict(force_layout_optimization=True)
+    assert speed.train_compile_options(_tiny_edm(), cpu) is None
+    for name in ('edm2', 'ddpm', 'cifar-edm2'):
+        assert speed.train_compile_options(_BACKBONES[name][0](), cuda) is None, name

@@ -9,6 +9,7 @@ source when it loads our pickles.
 """
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -95,6 +96,16 @@ class _FP32AttentionWeights(torch.autograd.Function):
         return grad_q, grad_k
 
 
+def _fp32_attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """_FP32AttentionWeights in plain ops, for torch.compile: AOTAutograd's cache refuses graphs that hold a custom
+    autograd.Function, so every start of a compiled DDPM++ (one 256-channel head: the einsum path) traced and
+    partitioned the whole network again. Autograd's gradient is the Function's, up to the rounding of the saved
+    weights (kept in float32 here, in q's dtype there): the same in float32."""
+    scale = 1 / math.sqrt(k.shape[-2])
+    logits = torch.einsum('...cq,...ck->...qk', q.to(torch.float32), (k * scale).to(torch.float32))
+    return logits.softmax(dim=-1).to(q.dtype)
+
+
 def use_sdpa(head_channels: int) -> bool:
     """Whether attention over heads of `head_channels` channels runs through SDPA under the current backend."""
     impl = _attention['impl']
@@ -106,7 +117,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp32_weights: b
     if use_sdpa(q.shape[-2]):
         out = torch.nn.functional.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
         return out.transpose(-1, -2)
-    if fp32_weights:
+    if fp32_weights and torch.compiler.is_compiling():
+        weights = _fp32_attention_weights(q, k)  # the same forward; a custom Function keeps the graph out of the compile cache
+    elif fp32_weights:
         weights = _FP32AttentionWeights.apply(q, k)
     else:
         weights = torch.einsum('...cq,...ck->...qk', q, k / np.sqrt(q.shape[-2])).softmax(dim=-1)
