@@ -118,3 +118,19 @@ def test_sweep_train_times_each_variant_on_cpu():
     assert 'profile' not in records['sample'] and profile['launches'] > 0
     assert 0 < profile['busy_s'] <= profile['wall_s'] * 1.05 and profile['groups']['convolution'] > 0
     assert abs(sum(profile['groups'].values()) - profile['busy_s']) < 1e-6 and profile['top'][0]['s'] > 0
+
+
+def test_compile_report_keeps_cache_bypass_reasons(tmp_path):
+    """bench/compile_report.py: phases and counters of a compiled script, and why a graph missed a cache."""
+    script = tmp_path / 'script.py'
+    script.write_text('import logging, torch\n'
+                      'torch.compile(torch.nn.Linear(4, 4), backend="aot_eager")(torch.randn(2, 4)).sum().backward()\n'
+                      'logging.getLogger("torch._functorch._aot_autograd.autograd_cache").info(\n'
+                      '    "Bypassing autograd cache due to: %s", "Unsupported call_function target x")\n'
+                      'logging.getLogger("torch._inductor.codecache").info("FX graph cache hit")\n')
+    out = tmp_path / 'report.json'
+    subprocess.run([sys.executable, '-m', 'bench.compile_report', f'--out={out}', str(script)], check=True,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    report = json.loads(out.read_text())
+    assert report['bypass_reasons'] == ['Bypassing autograd cache due to: Unsupported call_function target x']
+    assert report['counters']['frames']['ok'] == 1 and report['process_s'] > 0 and report['phases_s']
