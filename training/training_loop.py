@@ -282,7 +282,7 @@ def _build_modules(ctx) -> None:
     ctx.optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **opt_kwargs)
     ctx.ema = ctx.recipe.make_ema(net)
     # Compiled last: the EMA copies above must not copy compiled blocks.
-    train_net = speed.compile_network(net) if cfg.compile else net
+    train_net = speed.compile_network(net, options=speed.train_compile_options(net, device)) if cfg.compile else net
     ctx.ddp = train_net
     if ctx.world > 1:
         ctx.ddp = torch.nn.parallel.DistributedDataParallel(train_net, device_ids=[device] if device.type == 'cuda' else None)
