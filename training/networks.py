@@ -78,7 +78,7 @@ class _FP32AttentionWeights(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k):
-        scale = 1 / np.sqrt(k.shape[-2])
+        scale = 1 / math.sqrt(k.shape[-2])
         logits = torch.einsum('...cq,...ck->...qk', q.to(torch.float32), (k * scale).to(torch.float32))
         weights = logits.softmax(dim=-1).to(q.dtype)
         ctx.save_for_backward(q, k, weights)
@@ -90,7 +90,7 @@ class _FP32AttentionWeights(torch.autograd.Function):
         w = weights.to(torch.float32)
         g = grad_weights.to(torch.float32)
         grad_logits = w * (g - (g * w).sum(dim=-1, keepdim=True))  # softmax Jacobian-vector product
-        scale = 1 / np.sqrt(k.shape[-2])
+        scale = 1 / math.sqrt(k.shape[-2])
         grad_q = torch.einsum('...ck,...qk->...cq', k.to(torch.float32), grad_logits).to(q.dtype) * scale
         grad_k = torch.einsum('...cq,...qk->...ck', q.to(torch.float32), grad_logits).to(k.dtype) * scale
         return grad_q, grad_k
@@ -122,7 +122,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp32_weights: b
     elif fp32_weights:
         weights = _FP32AttentionWeights.apply(q, k)
     else:
-        weights = torch.einsum('...cq,...ck->...qk', q, k / np.sqrt(q.shape[-2])).softmax(dim=-1)
+        weights = torch.einsum('...cq,...ck->...qk', q, k / math.sqrt(q.shape[-2])).softmax(dim=-1)
     return torch.einsum('...qk,...ck->...cq', weights, v)
 
 #----------------------------------------------------------------------------
@@ -511,7 +511,7 @@ class SongUNet(torch.nn.Module):
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)  # [sin, cos] order of Song et al.
         if self.map_label is not None:
             labels = _drop_labels(class_labels, self.label_dropout, self.training)
-            emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
+            emb = emb + self.map_label(labels * math.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
         emb = silu(self.map_layer0(emb))
@@ -530,7 +530,7 @@ class SongUNet(torch.nn.Module):
             elif 'aux_skip' in name:
                 x = skips[-1] = x + block(aux)
             elif 'aux_residual' in name:
-                x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
+                x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
             else:
                 x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
                 skips.append(x)

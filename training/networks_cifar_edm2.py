@@ -24,6 +24,9 @@ except ImportError:
     MPConv = attention = mp_cat = mp_silu = mp_sum = _needs_this_project
 
 CONFIGS = ('C', 'E', 'G')
+# sqrt(2) rounded to float32, as the reference's np.sqrt(2, dtype=np.float32); a Python number, because torch.compile
+# traces numpy calls into the graph, which AOTAutograd's cache then refuses.
+_SQRT2_FLOAT32 = float(np.float32(np.sqrt(2)))
 
 #----------------------------------------------------------------------------
 # Fixed-function pieces that differ from our EDM2 UNet.
@@ -73,7 +76,7 @@ class Fourier(torch.nn.Module):
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         y = torch.cos((2 * np.pi) * (a[:, None] * self.frequencies[None, :] + self.phases[None, :]))
-        return y * np.sqrt(2, dtype=np.float32) if self.mp else y
+        return y * _SQRT2_FLOAT32 if self.mp else y
 
 
 @persistence.persistent_class
