@@ -5,7 +5,8 @@ import itertools
 import pytest
 import torch
 
-from training import networks, networks_cifar_edm2, networks_ddpm, networks_edm2, presets, presets_generate, speed
+from training import (guidance, networks, networks_cifar_edm2, networks_ddpm, networks_edm2, preconditioning, presets,
+                      presets_generate, speed)
 
 
 def _tiny_edm(**kwargs):
@@ -305,3 +306,21 @@ def test_compiled_edm_training_runs_convolutions_channels_last_on_cuda_only():
     assert speed.train_compile_options(_tiny_edm(), cpu) is None
     for name in ('edm2', 'ddpm', 'cifar-edm2'):
         assert speed.train_compile_options(_BACKBONES[name][0](), cuda) is None, name
+
+
+def test_network_forward_code_calls_no_numpy():
+    """torch 2.11's dynamo traces a numpy call on Python numbers (np.sqrt(2)) into the graph as a numpy op, and
+    AOTAutograd's cache refuses such graphs: on an H200 every warm start of a compiled DDPM++ paid the whole trace
+    and partition again. torch 2.13 folds them, so no captured-graph test here can see it; the networks' code must
+    not call numpy outside construction."""
+    import ast
+    import inspect
+    construction = {'__init__', 'weight_init', 'learned_layer'}  # run when a network is built, never compiled
+    found = []
+    for module in (networks, networks_edm2, networks_ddpm, networks_cifar_edm2, preconditioning, guidance):
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            if isinstance(node, ast.FunctionDef) and node.name not in construction:
+                found += [f'{module.__name__}.{node.name}, line {call.lineno}: np.{call.func.attr}'
+                          for call in ast.walk(node) if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+                          and isinstance(call.func.value, ast.Name) and call.func.value.id == 'np']
+    assert not found, found
