@@ -1,5 +1,6 @@
-"""python -m bench --mode=e2e: the user's scripts (train.py, generate.py, fid.py, dataset_tool.py) as
-subprocesses, one command line per row (bench/e2e_rows.py), on inputs this module makes itself.
+"""python -m bench --mode=e2e: the user's scripts (train.py, generate.py, generate_images.py, fid.py,
+dataset_tool.py) as subprocesses, one command line per row (bench/e2e_rows.py), on inputs this module
+makes itself.
 
 Per row: steady img/s, start-up time, peak memory, and img/s as a ratio to the group's reference-fp16
 row and fp32 row. docs/performance.md ("End-to-end mode") describes the method; the inputs are made
@@ -55,9 +56,9 @@ def _failure(run: dict, time_limit_s: float) -> str | None:
 
 def run_row(row, ws: Workspace, time_limit_s: float, gpu: str | None, env: dict) -> dict:
     """Run one row and measure it; a failure is recorded as `error` (one line), never raised."""
-    group = e2e_rows.GROUPS[row.group]
+    group, script = e2e_rows.GROUPS[row.group], e2e_rows.script_of(row)
     base = list(group.base[ws.size]) + list(row.args)
-    record = dict(row=row.name, group=row.group, script=group.script, ref=row.ref, fp32=row.fp32, ok=False)
+    record = dict(row=row.name, group=row.group, script=script, ref=row.ref, fp32=row.fp32, ok=False)
     try:
         cache = ws.compile_cache(row)
         if cache is not None:
@@ -65,8 +66,8 @@ def run_row(row, ws: Workspace, time_limit_s: float, gpu: str | None, env: dict)
             record['compile_cache'] = cache[1]
         outdir = ws.outdir(row.name)
         args = ws.fill(base, outdir)
-        record['command'] = _display(group.script, args, env)
-        run = run_command([sys.executable, group.script] + args, time_limit_s, gpu, env)
+        record['command'] = _display(script, args, env)
+        run = run_command([sys.executable, script] + args, time_limit_s, gpu, env)
         record.update(wall_s=run['wall_s'], peak_mem_mb=run['peak_mem_mb'], peak_mem_kind=run['peak_mem_kind'])
         if (error := _failure(run, time_limit_s)) is not None:
             return dict(record, error=error)
@@ -168,8 +169,7 @@ def run_e2e(rows: list, device_type: str, gpu_index: int | None, size: str, time
     try:
         for row in rows:
             start = time.time()
-            script = e2e_rows.GROUPS[row.group].script
-            records.append(run_row(row, ws, time_limit_s, gpu, dict(env, **script_env.get(script, {}))))
+            records.append(run_row(row, ws, time_limit_s, gpu, dict(env, **script_env.get(e2e_rows.script_of(row), {}))))
             add_ratios(records)
             r = records[-1]
             log(f'{row.name:<24s} {time.time() - start:6.1f} s  ' +

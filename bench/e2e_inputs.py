@@ -1,5 +1,5 @@
 """Inputs of `python -m bench --mode=e2e`, made on first use in a work folder: a labelled PNG dataset,
-EDM2 raw latents, a network snapshot, FID reference statistics and a random-weight VAE."""
+EDM2 raw latents, network snapshots (EDM and EDM2), FID reference statistics and a random-weight VAE."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import zipfile
 import numpy as np
 
 from bench import e2e_rows
+from dnnlib.util import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,6 +118,28 @@ def make_vae(dest: str, size: str) -> str:
     return dest
 
 
+def point_encoder_at_vae(path: str, vae: str) -> str:
+    """Make the StabilityVAEEncoder of an EDM2 snapshot load `vae` (name or diffusers folder) instead of the
+    Hugging Face VAE train.py recorded, rewriting the pickle atomically. Read with the safe loader: no code
+    stored in the file runs."""
+    from torch_utils import persistence
+    vae = os.path.abspath(vae) if os.path.isdir(vae) else vae  # the scripts run in the repository root
+    data = persistence.load_pickle(path)
+    encoder = data.get('encoder')
+    if not hasattr(encoder, 'vae_name'):
+        raise RuntimeError(f'{path} holds no VAE encoder ({type(encoder).__name__}); were its training data latents?')
+    if encoder.vae_name != vae:
+        # A new encoder, so that its constructor arguments (what the safe loader rebuilds from) name the VAE too.
+        data['encoder'] = type(encoder)(*encoder.init_args, **dict(encoder.init_kwargs, vae_name=vae))
+        persistence.save_pickle(data, path)
+    return path
+
+
+def _snapshots(folder: str) -> list[str]:
+    """Names of the network snapshots in a run folder, oldest first (none if the folder is missing)."""
+    return sorted(n for n in os.listdir(folder) if n.startswith('network-snapshot-')) if os.path.isdir(folder) else []
+
+
 class Workspace:
     """The work folder: the made-up inputs (once each, on demand) and a fresh output folder per row."""
 
@@ -140,7 +163,7 @@ class Workspace:
         if key not in self._made:
             try:
                 self._made[key] = fn(*args)
-            except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as err:
+            except (RuntimeError, OSError, ValueError, UserError, subprocess.TimeoutExpired) as err:  # UserError: a bad pickle
                 self._failed[key] = f'making {key} failed: {err}'
                 raise RuntimeError(self._failed[key]) from None
         return self._made[key]
@@ -169,28 +192,49 @@ class Workspace:
             return self._make(key, self._existing, os.path.join(self.root, f'vae-{size}'), make_vae, size)
         if key == 'network':
             return self._make(key, self._make_snapshot)
+        if key in e2e_rows.EDM2_NETS:
+            return self._make(key, self._make_edm2_snapshot, key)
         raise KeyError(key)
 
     def offer_snapshot(self, outdir: str) -> None:
         """A finished fp32 'train' row's folder: its last snapshot serves the generate rows of this run."""
-        found = sorted(n for n in os.listdir(outdir) if n.startswith('network-snapshot-'))
+        found = _snapshots(outdir)
         if found and 'network' not in self._made and 'network' not in self._failed:
             self._made['network'] = os.path.join(outdir, found[-1])
+
+    def _train_once(self, folder: str, make_args, what: str) -> str:
+        """The last snapshot in `folder`, made first by `train.py make_args()` if there is none."""
+        found = _snapshots(folder)
+        if not found:
+            shutil.rmtree(folder, ignore_errors=True)
+            argv = [sys.executable, 'train.py'] + make_args()
+            proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=self.timeout_s)
+            found = _snapshots(folder)
+            if proc.returncode != 0 or not found:
+                raise RuntimeError(f'train.py for {what} failed: {last_line(proc.stderr) or last_line(proc.stdout)}')
+        return os.path.join(folder, found[-1])
 
     def _make_snapshot(self) -> str:
         """The network pickle of the generate rows: train.py as the 'train' rows run it (fp32), one batch."""
         folder = os.path.join(self.root, f'snapshot-{self.size}')
-        found = sorted(n for n in os.listdir(folder) if n.startswith('network-snapshot-')) if os.path.isdir(folder) else []
-        if not found:
-            shutil.rmtree(folder, ignore_errors=True)
+
+        def make_args():
             args = self.fill(e2e_rows.GROUPS['train'].base[self.size], folder)
-            batch = int(flag_value(args, '--batch'))
-            argv = [sys.executable, 'train.py'] + args + [f'--duration={batch / 1000}k', '--workers=0']
-            proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=self.timeout_s)
-            found = sorted(n for n in os.listdir(folder) if n.startswith('network-snapshot-')) if os.path.isdir(folder) else []
-            if proc.returncode != 0 or not found:
-                raise RuntimeError(f'train.py for the snapshot failed: {last_line(proc.stderr) or last_line(proc.stdout)}')
-        return os.path.join(folder, found[-1])
+            return args + [f'--duration={int(flag_value(args, "--batch")) / 1000}k', '--workers=0']
+        return self._train_once(folder, make_args, 'the snapshot')
+
+    def _make_edm2_snapshot(self, key: str) -> str:
+        """A network pickle of the edm2-gen rows (e2e_rows.EDM2_NETS[key]): train.py as the 'edm2' rows run it,
+        for one round of one GPU batch, its encoder pointed at the bench's VAE ({vae})."""
+        preset, extra = e2e_rows.EDM2_NETS[key]
+        folder = os.path.join(self.root, f'snapshot-{preset}-{self.size}')
+
+        def make_args():
+            args = self.fill(e2e_rows.GROUPS['edm2'].base[self.size], folder)
+            batch = flag_value(args, '--batch-gpu') or flag_value(args, '--batch')
+            args = [f'--preset={preset}' if arg.startswith('--preset=') else arg for arg in args]
+            return args + [f'--batch={batch}', f'--duration={batch}', f'--status={batch}'] + list(extra[self.size])
+        return point_encoder_at_vae(self._train_once(folder, make_args, f'the {preset} snapshot'), self.path('vae'))
 
     def compile_cache(self, row) -> tuple[str, str] | None:
         """(inductor cache folder, 'cold' or 'warm from ROW') of a row that compiles; a cold one is emptied."""
@@ -214,7 +258,7 @@ class Workspace:
         filled = []
         for arg in args:
             values = dict(device=self.device, outdir=outdir, images=str(self.data['images']))
-            for key in ('data', 'encode_data', 'latents', 'ref', 'vae', 'network'):
+            for key in ('data', 'encode_data', 'latents', 'ref', 'vae', 'network', *e2e_rows.EDM2_NETS):
                 if '{' + key + '}' in arg:
                     values[key] = self.path(key)
             filled.append(arg.format(**values))

@@ -8,11 +8,14 @@ A row is one command line. Its group names the script, the measurement and the b
 Placeholders in braces are filled by bench/e2e.py: {device} (cpu or cuda), {outdir} (a fresh
 folder per row), {data} (PNG dataset zip) and {images} (its size), {latents} (EDM2 raw-latent zip),
 {network} (the last snapshot of this run's fp32 'train' row, else one made by a one-batch train.py
-run), {encode_data} (larger images for the VAE), {vae} (a diffusers folder) and {ref} (FID
-reference statistics). Within a group, `ref` marks the reference code's fastest path (EDM
---fp16=1, EDM2 fp16, one-image-at-a-time encoding) and `fp32` the plain fp32 path; every row of the
-group reports its img/s as a ratio to both. A row that compiles starts on an empty compile cache,
-unless `warm_from` names the row whose cache it reruns on.
+run), {edm2_net} and {edm2_gnet} (EDM2-S and EDM2-XS pickles made by one-batch train.py runs on
+{latents}, decoding with {vae}), {encode_data} (larger images for the VAE), {vae} (a diffusers
+folder) and {ref} (FID reference statistics). Within a group, `ref` marks the reference code's
+fastest path (EDM --fp16=1, EDM2 fp16, one-image-at-a-time encoding) and `fp32` the plain fp32 path;
+every row of the group reports its img/s as a ratio to both (a group without an fp32 row has no
+second ratio). A row may run another script than its group's (`script`), e.g. the reference's own
+entry point. A row that compiles starts on an empty compile cache, unless `warm_from` names the row
+whose cache it reruns on.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class Row:
     ref:    bool = False            # The reference code's fastest path of this group (ratio denominator).
     fp32:   bool = False            # The fp32 path of this group (second ratio denominator).
     warm_from: str | None = None    # Row whose compile caches this row reuses (a rerun: a resume's start); None = its own, emptied first.
+    script: str | None = None       # Script in the repository root; None = the group's.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +56,18 @@ _DDPMPP = ('--data={data}', '--outdir={outdir}', '--nosubdir', '--arch=ddpmpp', 
 _EDM2 = ('--preset=edm2-img512-s', '--data={latents}', '--outdir={outdir}', '--device={device}',
          '--snapshot=1G', '--checkpoint=1G', '--seed=0')
 
+# generate.py and EDM2's generate_images.py: EDM2-S guided by EDM2-XS at weight 1.4. --steps is given to
+# both scripts, so they do the same work: at full size EDM2's 32 (the reference's default --batch=32 too).
+_EDM2_GEN = ('--net={edm2_net}', '--gnet={edm2_gnet}', '--guidance=1.4', '--outdir={outdir}')
+
+# The networks of the edm2-gen rows: placeholder -> (train.py preset, arguments added per --size). They are
+# one-batch runs with the 'edm2' group's base arguments. At tiny size the guide is narrower than the main
+# net, so that the two differ in architecture as XS and S do: --batched-guidance overlaps them instead of stacking.
+EDM2_NETS = {
+    'edm2_net':  ('edm2-img512-s',  dict(full=(), tiny=())),
+    'edm2_gnet': ('edm2-img512-xs', dict(full=(), tiny=('--cbase=8',))),
+}
+
 GROUPS = {
     'train': Group('train.py', 'train', dict(
         full=_DDPMPP + ('--batch=512', '--status=5Ki', '--duration=30Ki'),
@@ -62,6 +78,9 @@ GROUPS = {
     'generate': Group('generate.py', 'images', dict(
         full=('--network={network}', '--outdir={outdir}', '--seeds=0-4095', '--batch=512', '--steps=18', '--device={device}'),
         tiny=('--network={network}', '--outdir={outdir}', '--seeds=0-7', '--batch=4', '--steps=6', '--device={device}'))),
+    'edm2-gen': Group('generate.py', 'images', dict(
+        full=_EDM2_GEN + ('--seeds=0-511', '--batch=32', '--steps=32', '--device={device}'),
+        tiny=_EDM2_GEN + ('--seeds=0-7', '--batch=4', '--steps=4', '--device={device}'))),
     'fid': Group('fid.py', 'progress', dict(
         full=('calc', '--images={data}', '--ref={ref}', '--num={images}', '--batch=256', '--device={device}'),
         tiny=('calc', '--images={data}', '--ref={ref}', '--num={images}', '--batch=8', '--workers=0', '--device={device}'))),
@@ -98,6 +117,9 @@ ROWS = [
     Row('gen-bf16-cl',              'generate', ('--precision=bf16', '--channels-last')),
     Row('gen-fast',                 'generate', ('--fast',)),
     Row('gen-fast-rerun',           'generate', ('--fast',), warm_from='gen-fast'),  # the same command again, on inductor's cache
+    Row('edm2-gen-ref',             'edm2-gen', (), ref=True, script='generate_images.py'),  # EDM2's own script: fp16 pickles, no compile
+    Row('edm2-gen-fast',            'edm2-gen', ('--fast',)),
+    Row('edm2-gen-fast-batched',    'edm2-gen', ('--fast', '--batched-guidance')),
     Row('fid-calc',                 'fid',      (), ref=True, fp32=True),
     Row('fid-gen',                  'fid-gen',  (), ref=True, fp32=True),  # generate.py's sampler + Inception, no PNGs
     Row('encode-b1-tf32',           'encode',   ('--batch=1', '--precision=tf32'), ref=True),  # the reference: one image per call, TF32 convolutions
@@ -106,3 +128,8 @@ ROWS = [
     Row('encode-b8',                'encode',   ('--batch=8',)),
     Row('encode-b32-bf16',          'encode',   ('--batch=32', '--precision=bf16')),
 ]
+
+
+def script_of(row: Row) -> str:
+    """The script a row runs: its own, else its group's."""
+    return row.script or GROUPS[row.group].script
