@@ -649,6 +649,10 @@ def generate_images(
         from training import speed
         net = speed.compile_network(net)
         gnet = speed.compile_network(gnet) if gnet is not None else None
+        if device.type == 'cuda':
+            # Every call has one shape (the last batch is padded), so cuDNN's autotuned convolutions pay back at
+            # once, as in training; the reference's fp32 path (no compile) keeps torch's default.
+            torch.backends.cudnn.benchmark = True
     autocast = precision_context(precision, device)
 
     def make_batch(batch_seeds):
