@@ -134,3 +134,36 @@ def test_compile_report_keeps_cache_bypass_reasons(tmp_path):
     report = json.loads(out.read_text())
     assert report['bypass_reasons'] == ['Bypassing autograd cache due to: Unsupported call_function target x']
     assert report['counters']['frames']['ok'] == 1 and report['process_s'] > 0 and report['phases_s']
+
+
+def test_sweep_encode_runs_each_variant_and_keeps_the_latents():
+    """bench/sweep_encode.py: records per variant, bad variants refused, and the candidate switches (group norm in
+    bf16, channels-last, one image per call) give the latents of the plain variant of their precision."""
+    import click
+    from bench import sweep_encode
+    assert sweep_encode.parse_variant('bf16+gn+cl') == dict(precision='bf16', b1=False, cl=True, gn=True, autotune=False,
+                                                             compile=False)
+    for bad, message in (('fp32+gn', 'goes with bf16'), ('fp8', 'precision must be one of'), ('bf16+x', 'switches from')):
+        with pytest.raises(click.BadParameter, match=message):
+            sweep_encode.parse_variant(bad)
+    cpu = torch.device('cpu')
+    latents = {text: sweep_encode.build_encode('quick', sweep_encode.parse_variant(text), cpu)[0]()
+               for text in ('fp32', 'fp32+b1+cl', 'bf16', 'bf16+gn')}
+    assert latents['fp32'].shape == (2, 8, 4, 4)
+    torch.testing.assert_close(latents['fp32+b1+cl'], latents['fp32'], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(latents['bf16+gn'].float(), latents['fp32'], rtol=0.1, atol=0.1)
+    norm, x = torch.nn.GroupNorm(4, 8).eval(), torch.randn(2, 8, 4, 4)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+        expected = norm(x)
+        assert sweep_encode.group_norm_in_input_dtype(torch.nn.Sequential(norm, torch.nn.GroupNorm(2, 8))) == 2
+        seen = []
+        group_norm = torch.nn.functional.group_norm
+        with torch.autocast('cpu', dtype=torch.bfloat16), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.nn.functional, 'group_norm',
+                          lambda x, *args: seen.append((torch.is_autocast_enabled('cpu'), x.dtype)) or group_norm(x, *args))
+            out = norm(x.bfloat16())
+    assert seen == [(False, torch.bfloat16)]  # autocast off around it: normalised in the input's dtype
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
+    record = sweep_encode.run_one('quick', 'bf16+gn', cpu, steps=1, profile=True)
+    assert record['images'] == 2 and record['images_per_s'] > 0 and record['profile']['busy_s'] > 0
