@@ -298,13 +298,13 @@ def test_fid_gen_passes_the_speed_switches(monkeypatch):
     assert result.output.count('Warning: --fast turns nothing on') == 1
 
 
-def test_compiled_edm_training_runs_convolutions_channels_last_on_cuda_only():
-    """train.py's compile forces inductor's channels-last convolutions for EDM's networks on CUDA (measured on
-    DDPM++); other devices and the other network families keep inductor's own choice."""
+def test_compiled_songunet_training_runs_convolutions_channels_last_on_cuda_only():
+    """train.py's compile forces inductor's channels-last convolutions for SongUNet on CUDA (measured on DDPM++);
+    other devices and the other backbones keep inductor's own choice."""
     cuda, cpu = torch.device('cuda'), torch.device('cpu')
     assert speed.train_compile_options(_tiny_edm(), cuda) == dict(force_layout_optimization=True)
     assert speed.train_compile_options(_tiny_edm(), cpu) is None
-    for name in ('edm2', 'ddpm', 'cifar-edm2'):
+    for name in ('dhariwalunet', 'edm2', 'ddpm', 'cifar-edm2'):
         assert speed.train_compile_options(_BACKBONES[name][0](), cuda) is None, name
 
 

@@ -85,14 +85,14 @@ def compile_network(net: torch.nn.Module, mode: str | None = None, backend: str 
 
 
 def train_compile_options(net: torch.nn.Module, device: torch.device) -> dict | None:
-    """Inductor settings for compiling `net` to train on `device`. EDM's networks on CUDA run every convolution
-    channels-last (force_layout_optimization): inductor's own heuristic declines DDPM++, whose decoder convolutions
-    halve the channel count, and cuDNN then spent 45 of the 219 ms of a step transposing around each convolution.
-    Measured on DDPM++ only (docs/performance.md), so the other families keep inductor's choice."""
-    from training import preconditioning
-    edm = isinstance(net, (preconditioning.EDMPrecond, preconditioning.VPPrecond, preconditioning.VEPrecond,
-                           preconditioning.iDDPMPrecond))
-    return dict(force_layout_optimization=True) if edm and device.type == 'cuda' else None
+    """Inductor settings for compiling `net` to train on `device`. EDM's SongUNet (DDPM++, NCSN++) on CUDA runs every
+    convolution channels-last (force_layout_optimization): inductor's own heuristic declines DDPM++, whose decoder
+    convolutions halve the channel count, and cuDNN then spent 45 of the 219 ms of a step transposing around each
+    convolution. Measured on DDPM++ only (docs/performance.md); the other backbones keep inductor's choice until
+    measured (`python -m bench.sweep_train --net adm-imagenet64 --variants bf16+full,bf16+full+nhwc`)."""
+    from training import networks
+    song_unet = isinstance(getattr(net, 'model', None), networks.SongUNet)
+    return dict(force_layout_optimization=True) if song_unet and device.type == 'cuda' else None
 
 
 def cacheable_autocast() -> None:
