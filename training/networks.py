@@ -78,9 +78,7 @@ class _FP32AttentionWeights(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k):
-        scale = 1 / math.sqrt(k.shape[-2])
-        logits = torch.einsum('...cq,...ck->...qk', q.to(torch.float32), (k * scale).to(torch.float32))
-        weights = logits.softmax(dim=-1).to(q.dtype)
+        weights = _fp32_attention_weights(q, k)
         ctx.save_for_backward(q, k, weights)
         return weights
 
@@ -97,10 +95,10 @@ class _FP32AttentionWeights(torch.autograd.Function):
 
 
 def _fp32_attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """_FP32AttentionWeights in plain ops, for torch.compile: AOTAutograd's cache refuses graphs that hold a custom
-    autograd.Function, so every start of a compiled DDPM++ (one 256-channel head: the einsum path) traced and
-    partitioned the whole network again. Autograd's gradient is the Function's, up to the rounding of the saved
-    weights (kept in float32 here, in q's dtype there): the same in float32."""
+    """The forward of _FP32AttentionWeights, in plain ops. torch.compile differentiates it as it is: AOTAutograd's
+    cache refuses graphs that hold a custom autograd.Function, so every start of a compiled DDPM++ (one 256-channel
+    head: the einsum path) traced and partitioned the whole network again. Autograd's gradient is the Function's, up
+    to the rounding of the saved weights (kept in float32 there, in q's dtype in the Function): the same in float32."""
     scale = 1 / math.sqrt(k.shape[-2])
     logits = torch.einsum('...cq,...ck->...qk', q.to(torch.float32), (k * scale).to(torch.float32))
     return logits.softmax(dim=-1).to(q.dtype)
