@@ -55,6 +55,22 @@ def _report(start: float, bypasses: _Bypasses) -> dict:
                 bypass_reasons=sorted(set(bypasses.reasons)))
 
 
+def summary(path: str) -> dict | None:
+    """The gist of a report file for an e2e record: seconds in dynamo (tracing, AOTAutograd, cache loads) and in
+    inductor's compile, cache counters and bypass reasons; None when the script wrote no report (killed, crashed)."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        phases, counters = report['phases_s'], report['counters']
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return dict(process_s=report['process_s'], dynamo_s=phases.get('_compile.compile_inner', 0.0),
+                inductor_s=phases.get('compile_fx_inner', 0.0), frames=counters.get('frames', {}),
+                aot_autograd=counters.get('aot_autograd', {}),
+                fxgraph={k: v for k, v in counters.get('inductor', {}).items() if k.startswith('fxgraph_cache')},
+                bypass_reasons=report.get('bypass_reasons', []))
+
+
 def main() -> None:
     args = sys.argv[1:]
     if len(args) < 2 or not args[0].startswith('--out='):

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 
-from bench import e2e_rows
+from bench import compile_report, e2e_rows
 from bench.e2e_inputs import ROOT, Workspace, last_line
 from bench.e2e_measure import measure_images, measure_progress, measure_train, physical_gpu, run_command
 
@@ -67,7 +67,10 @@ def run_row(row, ws: Workspace, time_limit_s: float, gpu: str | None, env: dict)
         outdir = ws.outdir(row.name)
         args = ws.fill(base, outdir)
         record['command'] = _display(script, args, env)
-        run = run_command([sys.executable, script] + args, time_limit_s, gpu, env)
+        # A compiling row runs under bench.compile_report: what its start-up compiled, and why a cache missed.
+        report = ws.compile_report_path(row.name) if cache is not None else None
+        python = [sys.executable] + ([] if report is None else ['-m', 'bench.compile_report', f'--out={report}'])
+        run = run_command(python + [script] + args, time_limit_s, gpu, env)
         record.update(wall_s=run['wall_s'], peak_mem_mb=run['peak_mem_mb'], peak_mem_kind=run['peak_mem_kind'])
         if (error := _failure(run, time_limit_s)) is not None:
             return dict(record, error=error)
@@ -79,6 +82,8 @@ def run_row(row, ws: Workspace, time_limit_s: float, gpu: str | None, env: dict)
             record.update(measure_images(run, outdir, args))
         else:
             record.update(measure_progress(run, args))
+        if report is not None:
+            record['compile_report'] = compile_report.summary(report)
     except (RuntimeError, OSError, ValueError) as err:
         return dict(record, error=str(err))
     except Exception as err:  # a harness bug or an unforeseen output must not stop the other rows

@@ -247,6 +247,16 @@ class Workspace:
         warm = os.path.isdir(path) and len(os.listdir(path)) > 0
         return path, f'warm from {row.warm_from}' if warm else f'cold ({row.warm_from} left no cache)'
 
+    def compile_report_path(self, row_name: str) -> str:
+        """Where a compiling row's bench.compile_report goes (outside its output folder, which the script owns);
+        a report left by an earlier run is removed."""
+        folder = os.path.join(self.root, 'compile-reports')
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f'{row_name}.json')
+        if os.path.exists(path):
+            os.remove(path)
+        return path
+
     def outdir(self, row_name: str) -> str:
         """An empty output folder for one run of a row."""
         path = os.path.join(self.root, 'runs', row_name)

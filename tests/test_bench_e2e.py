@@ -240,3 +240,20 @@ def test_compiling_rows_get_their_own_cold_or_warm_cache(tmp_path):
         if row.warm_from is not None:
             first = e2e_rows.ROWS[names.index(row.warm_from)]
             assert names.index(row.warm_from) < names.index(row.name) and (first.group, first.args) == (row.group, row.args)
+
+
+def test_compiling_rows_carry_a_compile_report(tmp_path):
+    """A row that compiles runs under bench.compile_report; its record says what the start-up compiled and why a
+    cache missed, while its command stays the user's. TORCH_COMPILE_DISABLE keeps the CPU from compiling."""
+    ws = e2e_inputs.Workspace(str(tmp_path), 'tiny', 'cpu', images=16, vae=None)
+    (tmp_path / 'compile-reports').mkdir()
+    (tmp_path / 'compile-reports' / 'gen-compiled.json').write_text('{"left": "by an earlier run"}')
+    row = e2e_rows.Row('gen-compiled', 'generate', ('--compile',))
+    record = e2e.run_row(row, ws, time_limit_s=200, gpu=None, env=dict(TORCH_COMPILE_DISABLE='1'))
+    assert record['ok'], record
+    assert record['command'].startswith(f'TORCH_COMPILE_DISABLE=1 TORCHINDUCTOR_CACHE_DIR={tmp_path}/compile-cache/gen-compiled '
+                                        'python generate.py ')
+    report = record['compile_report']
+    assert report['process_s'] > 0 and report['bypass_reasons'] == [] and report['dynamo_s'] == 0.0
+    plain = e2e.run_row(e2e_rows.Row('gen-plain', 'generate', ()), ws, time_limit_s=200, gpu=None, env={})
+    assert plain['ok'] and 'compile_report' not in plain
