@@ -193,11 +193,17 @@ def _encode_call(size: str, vae: str | None, variant: Variant, device: torch.dev
     return run, dict(vae_batch_size=encoder.batch_size)
 
 
+def encode_images(size: str, device: torch.device) -> torch.Tensor:
+    """The encode cases' input: configs.ENCODE_IMAGES[size] seeded random uint8 RGB images on `device`."""
+    count, resolution = configs.ENCODE_IMAGES[size]
+    return torch.randint(0, 256, [count, 3, resolution, resolution], dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(4)).to(device)
+
+
 def bench_encode(size: str, variants, device, warmup: int, reps: int, vae: str | None = None) -> dict:
     """Latent encoding images/s with StabilityVAEEncoder; `vae` None = random init of configs.vae_config."""
     count, resolution = configs.ENCODE_IMAGES[size]
-    images = torch.randint(0, 256, [count, 3, resolution, resolution], dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(4)).to(device)
+    images = encode_images(size, device)
     results = run_variants(variants, lambda v: _encode_call(size, vae, v, device, images), device, warmup, reps, count)
     return dict(task='encode', config=f'sd-vae-{resolution}px' + ('' if vae else '-random'), batch=count,
                 resolution=resolution, variants=results)

@@ -19,7 +19,7 @@ import json
 import click
 import torch
 
-from bench import cases, configs, kernels, timing
+from bench import cases, kernels, timing
 
 PRECISIONS = ('fp32', 'tf32', 'bf16')
 SWITCHES = ('b1', 'cl', 'gn', 'autotune', 'compile')
@@ -52,9 +52,8 @@ def group_norm_in_input_dtype(vae: torch.nn.Module) -> int:
 
 def build_encode(size: str, variant: dict, device: torch.device):
     """A closure encoding configs.ENCODE_IMAGES[size] random images with StabilityVAEEncoder under the variant."""
-    count, resolution = configs.ENCODE_IMAGES[size]
-    images = torch.randint(0, 256, [count, 3, resolution, resolution], dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(4)).to(device)
+    images = cases.encode_images(size, device)
+    count = len(images)
     encoder = cases._vae_encoder(size, None, 1 if variant['b1'] else count, device)
     vae = encoder._vae
     if variant['gn']:
