@@ -99,13 +99,17 @@ def test_sweep_train_times_each_variant_on_cpu():
     import click
     from bench import sweep_train
     assert sweep_train.parse_variant('bf16+cl+full+einsum') == dict(precision='bf16', cl=True, compile='full',
-                                                                    adam='fused', attention='einsum',
+                                                                    adam='fused', attention='reference',
                                                                     inductor_mode=None, nhwc=False)
+    assert sweep_train.parse_variant('bf16+full')['attention'] == 'auto'  # as train.py runs it
+    assert sweep_train.parse_variant('bf16+sdpa')['attention'] == 'sdpa'
     assert sweep_train.parse_variant('bf16+full+cudagraphs')['inductor_mode'] == 'reduce-overhead'
     assert sweep_train.parse_variant('bf16+full+nhwc')['nhwc']
     for bad in ('bf16+autotune', 'bf16+nhwc', 'bf16+full+nhwc+cudagraphs'):
         with pytest.raises(click.BadParameter, match='go with blocks or full'):
             sweep_train.parse_variant(bad)
+    with pytest.raises(click.BadParameter, match='not both'):
+        sweep_train.parse_variant('bf16+einsum+sdpa')
     with pytest.raises(click.BadParameter, match='precision must be one of'):
         sweep_train.parse_variant('fp8+cl')
     cpu = torch.device('cpu')

@@ -242,3 +242,18 @@ def test_compiled_generation_autotunes_convolutions():
     batches = sampling.generate_images(ddpmpp(), seeds=[0, 1], batch_size=2, sampler='edm', num_steps=2, compile=True)
     images = [batch.images for batch in batches]
     assert torch.backends.cudnn.benchmark and images[0].shape == (2, 3, 16, 16)
+
+
+def test_bf16_attention_logits_come_from_a_bf16_gemm_with_float32_output():
+    """training/attention_ops.py: torch.bmm(out_dtype=float32) on bf16 q, k gives the float32 einsum's logits,
+    with no fallback to bf16 logits on this torch."""
+    from training import attention_ops
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k = [torch.randn(4, 256, 64, device=DEVICE, generator=g).bfloat16().requires_grad_() for _ in range(2)]
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        logits = attention_ops.attention_logits(q, k)
+    assert logits.dtype == torch.float32 and attention_ops._fast_gemm['ok']
+    expected = torch.einsum('ncq,nck->nqk', q.float(), k.float())
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-4)
+    logits.square().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()

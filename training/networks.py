@@ -18,6 +18,11 @@ from torch.nn.functional import silu
 
 from torch_utils import persistence
 
+try:  # this project only: where the reference code runs the source stored in our pickles, the einsum path runs
+    from training import attention_ops as _attention_ops
+except ImportError:
+    _attention_ops = None
+
 #----------------------------------------------------------------------------
 # Input validation shared by every outer forward().
 
@@ -115,7 +120,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp32_weights: b
     if use_sdpa(q.shape[-2]):
         out = torch.nn.functional.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
         return out.transpose(-1, -2)
-    if fp32_weights and torch.compiler.is_compiling():
+    if fp32_weights and _attention_ops is not None and _attention['impl'] == 'auto' and _attention_ops.supports(q, k):
+        # bf16 q, k: the same float32 logits from a bf16 GEMM with float32 output ('reference' keeps the einsum)
+        logits = _attention_ops.attention_logits(q, k * (1 / math.sqrt(k.shape[-2])))
+        weights = logits.softmax(dim=-1).to(q.dtype)
+    elif fp32_weights and torch.compiler.is_compiling():
         weights = _fp32_attention_weights(q, k)  # the same forward; a custom Function keeps the graph out of the compile cache
     elif fp32_weights:
         weights = _FP32AttentionWeights.apply(q, k)
