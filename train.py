@@ -61,6 +61,7 @@ def _check_desc(ctx, param, value):
 @click.option('--ls',            help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--channels-last', help='Channels-last weights (conv nets; slower for DDPM++ on an H200, eager and compiled: docs/performance.md)', metavar='BOOL', type=bool)
 @click.option('--compile/--no-compile', help='torch.compile the network', default=None)
+@click.option('--compile-async',  help='With --compile: train eagerly from the first step while a child process compiles, then switch (one process)', metavar='BOOL', type=bool)
 @click.option('--fast',          help='Fastest measured set: bf16 + --compile where the device runs them (docs/performance.md)', is_flag=True, default=None)
 @click.option('--deterministic/--no-deterministic', help='Deterministic algorithms', default=None)
 @click.option('--bench',         help='cuDNN benchmarking (off with --deterministic)', metavar='BOOL', type=bool)

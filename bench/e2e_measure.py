@@ -194,7 +194,8 @@ def measure_train(run: dict, outdir: str, on_cuda: bool) -> dict:
     rate = steady_train_rate(ticks)
     result = dict(images_per_s=rate, startup_s=first, startup_kind='first_status_line',
                   startup_fixed_s=fixed_startup(first, ticks[0]['kimg'] * 1e3, rate), ticks=ticks,
-                  images_per_s_train_only=1e3 / float(np.median([t['sec_per_kimg'] for t in ticks[1:]])))
+                  images_per_s_train_only=1e3 / float(np.median([t['sec_per_kimg'] for t in ticks[1:]])),
+                  images_per_s_last_ticks=steady_train_rate(ticks[-4:]))  # after a --compile-async switch
     if on_cuda:  # what the script itself reports: torch.cuda.max_memory_allocated over each tick
         result.update(peak_mem_mb=max(t['peak_gpu_mem_gb'] for t in ticks) * 1024, peak_mem_kind='torch_max_allocated',
                       peak_mem_polled_mb=run['peak_mem_mb'], peak_mem_polled_kind=run['peak_mem_kind'])

@@ -108,6 +108,7 @@ ROWS = [
     Row('train-bf16-cl-compile',    'train',    ('--bf16=1', '--channels-last=1', '--compile')),
     Row('train-fast',               'train',    ('--fast',)),
     Row('train-fast-rerun',         'train',    ('--fast',), warm_from='train-fast'),  # a resume's start, on inductor's cache
+    Row('train-fast-async',         'train',    ('--fast', '--compile-async=1', '--duration=400Ki')),  # eager until a child has compiled; long enough to switch
     Row('edm2-fp16',                'edm2',     ('--fp16=1',), ref=True),
     Row('edm2-fp32',                'edm2',     ('--fp16=0',), fp32=True),
     Row('edm2-bf16',                'edm2',     ('--fp16=0', '--bf16=1')),

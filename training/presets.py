@@ -73,6 +73,7 @@ class TrainConfig:
     seed:               int                     = 0         # Global random seed.
     device:             str                     = 'auto'    # auto | cuda | cpu | mps.
     compile:            bool                    = False     # torch.compile the network (training/speed.py).
+    compile_async:      bool                    = False     # With compile: train eagerly while a child process compiles (training/async_compile.py).
     fast:               bool                    = False     # The best measured speed set: bf16 + compile where the device runs them.
     channels_last:      bool                    = False     # Channels-last weights for the conv nets (inputs stay NCHW).
     deterministic:      bool                    = False     # torch.use_deterministic_algorithms.

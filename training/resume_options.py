@@ -9,7 +9,7 @@ import os
 # total_nimg is how a finished run is extended; batch_gpu only splits the same batch into rounds.
 HARMLESS_OPTIONS = frozenset({
     'total_nimg', 'epochs', 'batch_gpu', 'status_nimg', 'snapshot_nimg', 'checkpoint_nimg', 'workers', 'cache', 'device',
-    'compile', 'fast', 'channels_last', 'deterministic', 'cudnn_benchmark', 'transfer', 'resume', 'preset',
+    'compile', 'compile_async', 'fast', 'channels_last', 'deterministic', 'cudnn_benchmark', 'transfer', 'resume', 'preset',
     'allow_option_change', 'trust_pickle', 'chkpt_intv', 'eval', 'eval_total_size', 'eval_batch_size', 'eval_ref',
     'use_ddim', 'skip_schedule', 'subseq_size',
 })

@@ -88,7 +88,7 @@ def overrides_from_options(opts: dict) -> dict:
               ema_halflife_Mimg=o.pop('ema'), edm2_config=o.pop('edm2_config'), dropout=o.pop('dropout'), augment=o.pop('augment'), xflip=o.pop('xflip'),
               model_channels=o.pop('cbase'), channel_mult=_int_list(o.pop('cres')), P_mean=o.pop('P_mean'),
               P_std=o.pop('P_std'), fp16=o.pop('fp16'), bf16=o.pop('bf16'), loss_scaling=o.pop('ls'),
-              seed=o.pop('seed'), device=o.pop('device'), compile=o.pop('compile'), fast=o.pop('fast'), channels_last=o.pop('channels_last'),
+              seed=o.pop('seed'), device=o.pop('device'), compile=o.pop('compile'), compile_async=o.pop('compile_async'), fast=o.pop('fast'), channels_last=o.pop('channels_last'),
               deterministic=o.pop('deterministic'), cudnn_benchmark=o.pop('bench'), workers=o.pop('workers'), cache=o.pop('cache'),
               transfer=o.pop('transfer'), resume=o.pop('resume'), trust_pickle=o.pop('trust_pickle'), status_nimg=o.pop('status'),
               snapshot_nimg=o.pop('snapshot'), checkpoint_nimg=o.pop('checkpoint'),

@@ -262,10 +262,7 @@ def _build_modules(ctx) -> None:
     interface = dict(img_resolution=image.shape[-1], img_channels=image.shape[1], label_dim=ctx.dataset.label_dim)
     ctx.network_kwargs = ctx.recipe.network_kwargs(interface)
     ctx.network_interface = ctx.recipe.network_interface(interface)
-    net = dnnlib.util.construct_class_by_name(**ctx.network_kwargs, **ctx.network_interface)
-    net.train().requires_grad_(True).to(device)
-    if cfg.channels_last:  # data stays NCHW, so randn_like draws the same noise as the reference
-        net.to(memory_format=torch.channels_last)
+    net = build_network(ctx.network_kwargs, ctx.network_interface, cfg, device)
     if ctx.rank == 0:
         with torch.no_grad():
             inputs = ctx.recipe.summary_inputs(ctx.batch_gpu, image.shape[1:], ctx.dataset.label_dim, device)
@@ -282,10 +279,67 @@ def _build_modules(ctx) -> None:
     ctx.optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **opt_kwargs)
     ctx.ema = ctx.recipe.make_ema(net)
     # Compiled last: the EMA copies above must not copy compiled blocks.
-    train_net = speed.compile_network(net, options=speed.train_compile_options(net, device)) if cfg.compile else net
+    ctx.async_compile = 'after first step' if _compiles_async(ctx) else None
+    compile_now = cfg.compile and ctx.async_compile is None
+    train_net = compile_for_training(net, device) if compile_now else net
     ctx.ddp = train_net
     if ctx.world > 1:
         ctx.ddp = torch.nn.parallel.DistributedDataParallel(train_net, device_ids=[device] if device.type == 'cuda' else None)
+
+
+def build_network(network_kwargs: dict, network_interface: dict, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """The run's network, in training mode on `device` (also built by the --compile-async child)."""
+    net = dnnlib.util.construct_class_by_name(**network_kwargs, **network_interface)
+    net.train().requires_grad_(True).to(device)
+    if cfg.channels_last:  # data stays NCHW, so randn_like draws the same noise as the reference
+        net.to(memory_format=torch.channels_last)
+    return net
+
+
+def compile_for_training(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """What --compile calls instead of `net` (the --compile-async child compiles the same)."""
+    return speed.compile_network(net, options=speed.train_compile_options(net, device))
+
+
+def _compiles_async(ctx) -> bool:
+    """--compile-async applies: one process, and a step the child can rebuild (STF's references it cannot)."""
+    cfg = ctx.cfg
+    if cfg.compile_async and not cfg.compile:
+        logger.warning('--compile-async does nothing without --compile or --fast (or where the device cannot compile)')
+    if not (cfg.compile and cfg.compile_async) or cfg.first_step:
+        return False
+    if ctx.world > 1 or cfg.stf:
+        logger.warning('--compile-async runs with one process and without --stf; compiling before the first step')
+        return False
+    return True
+
+
+def _advance_async_compile(ctx) -> None:
+    """After a step: start the --compile-async child, or switch to the compiled network once it is done."""
+    from training import async_compile
+    if ctx.async_compile == 'after first step':
+        no_room = async_compile.room_for_child(ctx.device)
+        if no_room is not None:
+            logger.warning(f'--compile-async: {no_room}; compiling in this process instead')
+            return _switch_to_compiled(ctx)
+        ctx.async_compile = async_compile.AsyncCompile(async_compile.make_job(ctx, *ctx.pop('example_batch')))
+        logger.info(f'Compiling the network in a background process while training eagerly '
+                    f'(its log: {ctx.async_compile.log_path})')
+        return None
+    failure = ctx.async_compile.poll()
+    if failure is None:
+        return None
+    if failure:
+        logger.warning(f'--compile-async: {failure}; compiling in this process instead')
+    else:
+        logger.info(f'Background compile done after {time.time() - ctx.async_compile.start_time:.0f} s; '
+                    f'switching to the compiled network')
+    return _switch_to_compiled(ctx)
+
+
+def _switch_to_compiled(ctx) -> None:
+    ctx.ddp = compile_for_training(ctx.net, ctx.device)
+    ctx.async_compile = None
 
 
 def find_latest_state(run_dir: str) -> str | None:
@@ -425,15 +479,23 @@ def train_step(ctx) -> None:
     refs = _stf_references(ctx, batches) if cfg.stf else [{}] * ctx.rounds
     batch_gpu_total = ctx.batch_gpu * ctx.rounds
     net = speed.autocast_calls(ctx.ddp, ctx.device, enabled=cfg.bf16)
+    if ctx.get('async_compile') == 'after first step':
+        ctx.example_batch = batches[0]  # the shapes the --compile-async child compiles for
     for round_idx, (images, labels) in enumerate(batches):
         with misc.ddp_sync(ctx.ddp, sync=(round_idx == ctx.rounds - 1)):
-            loss = ctx.loss_fn(net=net, images=images, labels=labels, augment_pipe=ctx.augment_pipe, **refs[round_idx])
-            loss = loss.to(torch.float32)
-            training_stats.report('Loss/loss', loss)
-            loss_sum = loss.sum()
-            ctx.bad_loss |= ~torch.isfinite(loss_sum.detach())
-            loss_sum.mul(cfg.loss_scaling / batch_gpu_total).backward()
+            loss_sum = loss_backward(net, ctx.loss_fn, images, labels, ctx.augment_pipe, refs[round_idx],
+                                     cfg.loss_scaling / batch_gpu_total)
+            ctx.bad_loss |= ~torch.isfinite(loss_sum)
     _apply_update(ctx)
+
+
+def loss_backward(net, loss_fn, images, labels, augment_pipe, refs: dict, scale: float) -> torch.Tensor:
+    """Per-image losses of one round (reported to Loss/loss), backpropagated as sum * scale; returns the sum."""
+    loss = loss_fn(net=net, images=images, labels=labels, augment_pipe=augment_pipe, **refs).to(torch.float32)
+    training_stats.report('Loss/loss', loss)
+    loss_sum = loss.sum()
+    loss_sum.mul(scale).backward()
+    return loss_sum.detach()
 
 
 def _next_batch(data_iter):
@@ -610,6 +672,7 @@ def maintenance(ctx, prev_nimg: int) -> bool:
 def training_loop(cfg: TrainConfig, run_dir: str, device: torch.device | None = None) -> dnnlib.EasyDict:
     """Train until cfg.total_nimg or a stop signal; returns EasyDict(cur_nimg, stopped, state_path, run_dir, net, ema, optimizer)."""
     device = device if device is not None else dist.device_for_rank(misc.choose_device(cfg.device))
+    ctx = None
     try:
         ctx = setup(cfg, run_dir, device)
         cfg = ctx.cfg  # --epochs resolved against the dataset
@@ -629,6 +692,8 @@ def training_loop(cfg: TrainConfig, run_dir: str, device: torch.device | None = 
                     _on_lost_worker(ctx, err)
                     break
                 ctx.train_time += time.time() - start
+                if ctx.async_compile is not None:
+                    _advance_async_compile(ctx)
                 if cfg.first_step:
                     logger.info(f'First optimizer step done (--first-step, loss finite: {not bool(ctx.bad_loss)}); '
                                 f'stopping without saving.')
@@ -638,4 +703,6 @@ def training_loop(cfg: TrainConfig, run_dir: str, device: torch.device | None = 
         return dnnlib.EasyDict(cur_nimg=ctx.cur_nimg, stopped=ctx.stopped, state_path=ctx.state_path, run_dir=run_dir,
                                net=ctx.net, ema=ctx.ema, optimizer=ctx.optimizer)
     finally:
+        if ctx is not None and hasattr(ctx.get('async_compile'), 'close'):
+            ctx.async_compile.close()
         _close_logging()
