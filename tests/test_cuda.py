@@ -257,3 +257,26 @@ def test_bf16_attention_logits_come_from_a_bf16_gemm_with_float32_output():
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-4)
     logits.square().sum().backward()
     assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
+
+
+def test_compile_async_switches_to_a_cache_hit_on_cuda(tmp_path, monkeypatch):
+    """train.py --compile-async on the GPU: the child compiles with Triton, the run's own compile is a cache hit."""
+    import numpy as np
+    from torch._dynamo.utils import counters
+    from training import async_compile, presets
+    from training import training_loop as tl
+    from tests.test_train import cifar_mini, write_dataset
+    images, labels = cifar_mini()
+    small = images[:32].reshape(32, 8, 4, 8, 4, 3).mean(axis=(2, 4)).astype(np.uint8)
+    data = write_dataset(tmp_path / 'data', small, labels[:32])
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path / 'inductor'))
+    poll = async_compile.AsyncCompile.poll
+    monkeypatch.setattr(async_compile.AsyncCompile, 'poll', lambda self: self.process.wait() is None or poll(self))
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = presets.build_config('tiny-edm', data=data, total_nimg=48, batch_size=16, status_nimg=16, snapshot_nimg=None,
+                               fast=True, compile_async=True, device='cuda')
+    result = tl.training_loop(cfg, str(tmp_path / 'run'), DEVICE)
+    assert result.cur_nimg == 48
+    assert 'switching to the compiled network' in (tmp_path / 'run' / 'log.txt').read_text()
+    assert counters['aot_autograd'].get('autograd_cache_hit') == 1, dict(counters['aot_autograd'])
