@@ -249,14 +249,15 @@ def test_bf16_attention_logits_come_from_a_bf16_gemm_with_float32_output():
     with no fallback to bf16 logits on this torch."""
     from training import attention_ops
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    q, k = [torch.randn(4, 256, 64, device=DEVICE, generator=g).bfloat16().requires_grad_() for _ in range(2)]
+    qkv = torch.randn(4, 256, 3, 64, device=DEVICE, generator=g).bfloat16().requires_grad_()
+    q, k, _v = qkv.unbind(2)  # strided views, as UNetBlock hands them over
     with torch.autocast('cuda', dtype=torch.bfloat16):
         logits = attention_ops.attention_logits(q, k)
     assert logits.dtype == torch.float32 and attention_ops._fast_gemm['ok']
     expected = torch.einsum('ncq,nck->nqk', q.float(), k.float())
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-4)
     logits.square().sum().backward()
-    assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
+    assert qkv.grad.dtype == torch.bfloat16 and torch.isfinite(qkv.grad.float()).all()
 
 
 def test_compile_async_switches_to_a_cache_hit_on_cuda(tmp_path, monkeypatch):
