@@ -35,6 +35,7 @@ from training.resume_options import check_resume_options
 from training import speed
 
 STATE_FORMAT_VERSION = 1
+_ASYNC_PENDING = 'after first step'  # ctx.async_compile until the --compile-async child starts (then the AsyncCompile)
 logger = logging.getLogger('edm.training')
 
 
@@ -279,7 +280,7 @@ def _build_modules(ctx) -> None:
     ctx.optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **opt_kwargs)
     ctx.ema = ctx.recipe.make_ema(net)
     # Compiled last: the EMA copies above must not copy compiled blocks.
-    ctx.async_compile = 'after first step' if _compiles_async(ctx) else None
+    ctx.async_compile = _ASYNC_PENDING if _compiles_async(ctx) else None
     compile_now = cfg.compile and ctx.async_compile is None
     train_net = compile_for_training(net, device) if compile_now else net
     ctx.ddp = train_net
@@ -317,7 +318,7 @@ def _compiles_async(ctx) -> bool:
 def _advance_async_compile(ctx) -> None:
     """After a step: start the --compile-async child, or switch to the compiled network once it is done."""
     from training import async_compile
-    if ctx.async_compile == 'after first step':
+    if ctx.async_compile == _ASYNC_PENDING:
         no_room = async_compile.room_for_child(ctx.device)
         if no_room is not None:
             logger.warning(f'--compile-async: {no_room}; compiling in this process instead')
@@ -479,7 +480,7 @@ def train_step(ctx) -> None:
     refs = _stf_references(ctx, batches) if cfg.stf else [{}] * ctx.rounds
     batch_gpu_total = ctx.batch_gpu * ctx.rounds
     net = speed.autocast_calls(ctx.ddp, ctx.device, enabled=cfg.bf16)
-    if ctx.get('async_compile') == 'after first step':
+    if ctx.get('async_compile') == _ASYNC_PENDING:
         ctx.example_batch = batches[0]  # the shapes the --compile-async child compiles for
     for round_idx, (images, labels) in enumerate(batches):
         with misc.ddp_sync(ctx.ddp, sync=(round_idx == ctx.rounds - 1)):
