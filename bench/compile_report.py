@@ -83,7 +83,12 @@ def main() -> None:
         with open(out, 'w') as f:
             json.dump(_report(start, bypasses), f, indent=1)
     atexit.register(write)
-    sys.argv = [script, *script_args]
+    run_script(script, script_args)
+
+
+def run_script(script: str, args: list[str]) -> None:
+    """Run a script of ours in this process as `python SCRIPT ARGS` would."""
+    sys.argv = [script, *args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name='__main__')
 

@@ -39,10 +39,10 @@ def select_rows(pattern: str | None, rows: list = e2e_rows.ROWS) -> list:
 #----------------------------------------------------------------------------
 # Rows and records.
 
-def _display(script: str, args: list[str], env: dict) -> str:
+def _display(script: str, args: list[str], env: dict, wrapper: list[str]) -> str:
     """The command as a user would type it in the repository root."""
     prefix = ' '.join(f'{k}={shlex.quote(v)}' for k, v in env.items())
-    return (prefix + ' ' if prefix else '') + shlex.join(['python', script] + args)
+    return (prefix + ' ' if prefix else '') + shlex.join(['python', *wrapper, script] + args)
 
 
 def _failure(run: dict, time_limit_s: float) -> str | None:
@@ -66,10 +66,14 @@ def run_row(row, ws: Workspace, time_limit_s: float, gpu: str | None, env: dict)
             record['compile_cache'] = cache[1]
         outdir = ws.outdir(row.name)
         args = ws.fill(base, outdir)
-        record['command'] = _display(script, args, env)
+        # A reference row runs the reference code's layers (bench.reference_kernels), and the command says so.
+        kernels = ['-m', 'bench.reference_kernels'] if row.ref else []
+        record['command'] = _display(script, args, env, kernels)
         # A compiling row runs under bench.compile_report: what its start-up compiled, and why a cache missed.
         report = ws.compile_report_path(row.name) if cache is not None else None
-        python = [sys.executable] + ([] if report is None else ['-m', 'bench.compile_report', f'--out={report}'])
+        if report is not None and kernels:
+            raise ValueError(f'row {row.name}: a reference row does not compile (bench/e2e_rows.py)')
+        python = [sys.executable] + (kernels if report is None else ['-m', 'bench.compile_report', f'--out={report}'])
         run = run_command(python + [script] + args, time_limit_s, gpu, env)
         record.update(wall_s=run['wall_s'], peak_mem_mb=run['peak_mem_mb'], peak_mem_kind=run['peak_mem_kind'])
         if (error := _failure(run, time_limit_s)) is not None:

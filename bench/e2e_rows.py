@@ -11,7 +11,8 @@ folder per row), {data} (PNG dataset zip) and {images} (its size), {latents} (ED
 run), {edm2_net} and {edm2_gnet} (EDM2-S and EDM2-XS pickles made by one-batch train.py runs on
 {latents}, decoding with {vae}), {encode_data} (larger images for the VAE), {vae} (a diffusers
 folder) and {ref} (FID reference statistics). Within a group, `ref` marks the reference code's
-fastest path (EDM --fp16=1, EDM2 fp16, one-image-at-a-time encoding) and `fp32` the plain fp32 path;
+fastest path (EDM --fp16=1, EDM2 fp16, one-image-at-a-time encoding), run on the reference code's layers
+(python -m bench.reference_kernels: einsum attention, depthwise-convolution resampling), and `fp32` the plain fp32 path;
 every row of the group reports its img/s as a ratio to both (a group without an fp32 row has no
 second ratio). A row may run another script than its group's (`script`), e.g. the reference's own
 entry point. A row that compiles starts on an empty compile cache, unless `warm_from` names the row
@@ -98,6 +99,7 @@ COMPILE_FLAGS = ('--compile', '--fast')
 
 ROWS = [
     Row('train-fp16',               'train',    ('--fp16=1',), ref=True),
+    Row('train-fp16-ours',          'train',    ('--fp16=1',)),  # the same command on our layers
     Row('train-fp32',               'train',    (), fp32=True),
     Row('train-bf16',               'train',    ('--bf16=1',)),
     Row('train-cl',                 'train',    ('--channels-last=1',)),
@@ -114,6 +116,7 @@ ROWS = [
     Row('edm2-bf16',                'edm2',     ('--fp16=0', '--bf16=1')),
     Row('edm2-bf16-compile',        'edm2',     ('--fp16=0', '--bf16=1', '--compile')),
     Row('gen-fp32',                 'generate', (), ref=True, fp32=True),  # EDM's CIFAR-10 models sample in fp32
+    Row('gen-fp32-ours',            'generate', ()),  # the same command on our layers
     Row('gen-bf16',                 'generate', ('--precision=bf16',)),
     Row('gen-bf16-cl',              'generate', ('--precision=bf16', '--channels-last')),
     Row('gen-fast',                 'generate', ('--fast',)),

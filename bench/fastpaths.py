@@ -1,10 +1,10 @@
 """The two numerics the benchmark compares, and the few fast paths the library does not offer yet.
 
 `reference` reproduces the numerics of NVlabs/edm and NVlabs/edm2 run in fp32: TF32 off, einsum
-attention, eager mode, NCHW tensors, a for-loop Adam and a per-parameter EMA loop. `fast` switches
+attention, depthwise-convolution resampling, eager mode, NCHW tensors, a for-loop Adam and a per-parameter EMA loop. `fast` switches
 on everything this project adds for speed: bf16 autocast on CUDA (preconditioning and loss stay in
 fp32 because autocast only lowers matmuls and convolutions), TF32 for what remains in fp32,
-channels-last, SDPA attention, torch.compile of the network module, fused (CUDA) or foreach Adam,
+channels-last, SDPA attention, pooling / copying for box-filter resampling, torch.compile of the network module, fused (CUDA) or foreach Adam,
 torch._foreach EMA updates and guidance evaluated as one batched call when the two networks share
 an architecture. `tests/test_fastpaths.py` checks every switch against the reference numerics.
 """
@@ -34,13 +34,14 @@ class Variant:
     ema:                str                     # 'loop' (one lerp per parameter) or 'foreach'.
     batched_guidance:   bool                    # net and gnet in one vmapped call when they share an architecture?
     compile_backend:    str     = 'inductor'    # torch.compile backend (tests use 'aot_eager').
+    resample:           str     = 'auto'        # training.networks resample impl: 'reference' (convolutions) or 'auto'.
 
 
 def make_variants(device: torch.device, compile: bool) -> list[Variant]:
     """[reference, fast] for `device`; bf16 autocast and fused Adam only on CUDA."""
     cuda = device.type == 'cuda'
     reference = Variant(name='reference', bf16=False, tf32=False, attention='reference', channels_last=False,
-                        compile=False, adam='loop', ema='loop', batched_guidance=False)
+                        compile=False, adam='loop', ema='loop', batched_guidance=False, resample='reference')
     fast = Variant(name='fast', bf16=cuda, tf32=cuda, attention='sdpa', channels_last=True, compile=compile,
                    adam='fused' if cuda else 'foreach', ema='foreach', batched_guidance=True)
     return [reference, fast]
@@ -48,12 +49,12 @@ def make_variants(device: torch.device, compile: bool) -> list[Variant]:
 
 @contextlib.contextmanager
 def variant_scope(variant: Variant) -> Iterator[None]:
-    """Set the global switches of `variant` (attention impl, TF32) and restore them afterwards."""
+    """Set the global switches of `variant` (attention and resample impls, TF32) and restore them afterwards."""
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = variant.tf32
     torch.backends.cudnn.allow_tf32 = variant.tf32
     try:
-        with networks.attention_impl(variant.attention):
+        with networks.attention_impl(variant.attention), networks.resample_impl(variant.resample):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

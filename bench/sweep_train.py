@@ -8,7 +8,8 @@ A variant is '+'-joined switches: a precision (fp32, fp16 = the reference fp16 p
 bf16 group norm, bf16gn32 = autocast with float32 group norm), then any of cl (channels-last weights),
 blocks / full (torch.compile per block / whole network), foreach (Adam), einsum (reference attention) or sdpa
 (SDPA for every head; without either, attention 'auto' as train.py runs it: SDPA up to 128 channels per head, the
-einsum with float32 logits above; until session 29 the default was sdpa),
+einsum with float32 logits above; until session 29 the default was sdpa), convresample (box-filter resampling
+by the reference's depthwise convolutions instead of pooling / copying),
 cudagraphs / autotune (with blocks or full: torch.compile mode reduce-overhead / max-autotune-no-cudagraphs),
 nhwc (with blocks or full: inductor runs every convolution channels-last; its heuristic declines DDPM++, whose
 decoder convolutions halve the channels, and cuDNN then transposes around each convolution).
@@ -31,14 +32,14 @@ from bench import configs, kernels, timing
 from training import augment, loss, networks, phema, sampling, speed
 
 PRECISIONS = ('fp32', 'fp16', 'bf16', 'bf16gn32')
-SWITCHES = ('cl', 'blocks', 'full', 'foreach', 'einsum', 'sdpa', 'cudagraphs', 'autotune', 'nhwc')
+SWITCHES = ('cl', 'blocks', 'full', 'foreach', 'einsum', 'sdpa', 'convresample', 'cudagraphs', 'autotune', 'nhwc')
 ATTENTION_SWITCHES = dict(einsum='reference', sdpa='sdpa')  # networks.attention_impl of each; 'auto' without
 # torch.compile modes of the compile switches
 INDUCTOR_MODES = dict(cudagraphs='reduce-overhead', autotune='max-autotune-no-cudagraphs')
 
 
 def parse_variant(text: str) -> dict:
-    """'bf16+cl+blocks' -> dict(precision='bf16', cl=True, compile='blocks', adam='fused', attention='auto')."""
+    """'bf16+cl+blocks' -> dict(precision='bf16', cl=True, compile='blocks', adam='fused', attention='auto', resample='auto', ...)."""
     precision, *switches = text.split('+')
     bad = [s for s in switches if s not in SWITCHES]
     if precision not in PRECISIONS or bad:
@@ -52,6 +53,7 @@ def parse_variant(text: str) -> dict:
         raise click.BadParameter(f'{text!r}: einsum or sdpa, not both')
     return dict(precision=precision, cl='cl' in switches, compile=compile_mode,
                 adam='foreach' if 'foreach' in switches else 'fused', attention=attentions[0] if attentions else 'auto',
+                resample='reference' if 'convresample' in switches else 'auto',
                 inductor_mode=modes[0] if modes else None, nhwc='nhwc' in switches)
 
 
@@ -126,7 +128,7 @@ def run_one(net_name, size, batch, text, device, steps, task='train', profile=Fa
     patch = contextlib.nullcontext()
     if variant['precision'] == 'bf16gn32':  # the old behaviour: autocast runs group norm in float32
         patch = _patched(networks, '_autocast_off', lambda x: contextlib.nullcontext())
-    with patch, networks.attention_impl(variant['attention']):
+    with patch, networks.attention_impl(variant['attention']), networks.resample_impl(variant['resample']):
         start = time.perf_counter()
         step = (build_step if task == 'train' else build_sampler)(net_name, size, batch, variant, device)
         with timing.peak_memory(device) as mem:

@@ -100,8 +100,9 @@ def test_sweep_train_times_each_variant_on_cpu():
     from bench import sweep_train
     assert sweep_train.parse_variant('bf16+cl+full+einsum') == dict(precision='bf16', cl=True, compile='full',
                                                                     adam='fused', attention='reference',
-                                                                    inductor_mode=None, nhwc=False)
+                                                                    resample='auto', inductor_mode=None, nhwc=False)
     assert sweep_train.parse_variant('bf16+full')['attention'] == 'auto'  # as train.py runs it
+    assert sweep_train.parse_variant('bf16+full+convresample')['resample'] == 'reference'
     assert sweep_train.parse_variant('bf16+sdpa')['attention'] == 'sdpa'
     assert sweep_train.parse_variant('bf16+full+cudagraphs')['inductor_mode'] == 'reduce-overhead'
     assert sweep_train.parse_variant('bf16+full+nhwc')['nhwc']
@@ -115,7 +116,7 @@ def test_sweep_train_times_each_variant_on_cpu():
     cpu = torch.device('cpu')
     records = {}
     for task in ('train', 'sample'):
-        record = records[task] = sweep_train.run_one('ddpmpp-cifar10', 'quick', 2, 'bf16gn32+einsum+foreach', cpu, steps=1,
+        record = records[task] = sweep_train.run_one('ddpmpp-cifar10', 'quick', 2, 'bf16gn32+einsum+foreach+convresample', cpu, steps=1,
                                                      task=task, profile=(task == 'train'))
         assert record['task'] == task and record['images_per_s'] > 0 and len(record['times_s']) == 1
     profile = records['train']['profile']  # bench/kernels.py: where the step's time goes

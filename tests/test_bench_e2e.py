@@ -40,7 +40,7 @@ def test_tiny_cpu_rows_end_to_end(tmp_path):
     assert train['images_per_s'] == pytest.approx(e2e_measure.steady_train_rate(train['ticks']))
     assert train['startup_fixed_s'] == pytest.approx(train['startup_s'] - 8 / train['images_per_s'])  # first tick: one batch of 8
     assert gen['startup_fixed_s'] == pytest.approx(gen['startup_s'] - 4 / gen['images_per_s'])  # first batch: 4 images
-    assert gen['command'].startswith('python generate.py --network=') and gen['vs_ref'] == 1.0
+    assert gen['command'].startswith('python -m bench.reference_kernels generate.py --network=') and gen['vs_ref'] == 1.0
     assert gen['startup_kind'] == 'first_image' and gen['images'] == 8 and gen['batch'] == 4
     assert f'--network={tmp_path / "work" / "runs" / "train-fp32"}/network-snapshot-' in gen['command']  # reused
     assert 'python train.py' in proc.stdout and str(out) in proc.stdout  # the table names each command
@@ -60,7 +60,7 @@ def test_tiny_cpu_edm2_guided_rows_end_to_end(tmp_path):
         assert record['vs_ref'] > 0 and record['vs_fp32'] is None  # the group has no fp32 row
     ref, fast, batched = records
     assert ref['vs_ref'] == 1.0 and ref['script'] == 'generate_images.py' and 'compile_cache' not in ref
-    assert ref['command'].startswith('python generate_images.py --net=')
+    assert ref['command'].startswith('python -m bench.reference_kernels generate_images.py --net=')
     assert fast['command'].startswith(f'TORCHINDUCTOR_CACHE_DIR={work}/compile-cache/edm2-gen-fast python generate.py --net=')
     same = ' --guidance=1.4 --outdir={} --seeds=0-7 --batch=4 --steps=4 --device=cpu'
     assert same.format(work / 'runs' / 'edm2-gen-ref') in ref['command'] and fast['command'].endswith(' --fast')
@@ -141,7 +141,7 @@ def test_steady_rates_leave_out_the_start():
 
 
 def test_row_selection_and_option_errors(tmp_path):
-    assert [r.name for r in e2e.select_rows('gen-fp32,train-fp1*')] == ['train-fp16', 'train-fp16-compile', 'gen-fp32']
+    assert [r.name for r in e2e.select_rows('gen-fp32,train-fp1*')] == ['train-fp16', 'train-fp16-ours', 'train-fp16-compile', 'gen-fp32']
     assert e2e.select_rows(None) == e2e_rows.ROWS
     assert e2e_inputs.flag_value(['--batch=8', '--batch', '16'], '--batch') == '16'
     names = [r.name for r in e2e_rows.ROWS]
@@ -149,6 +149,8 @@ def test_row_selection_and_option_errors(tmp_path):
     for group in e2e_rows.GROUPS:  # one reference row per group, one fp32 row except where the reference is fp16 only
         assert sum(r.ref for r in e2e_rows.ROWS if r.group == group) == 1
         assert sum(r.fp32 for r in e2e_rows.ROWS if r.group == group) == (group != 'edm2-gen')
+    # A reference row runs on the reference's layers (bench.reference_kernels), which a compiling row could not
+    assert not [r.name for r in e2e_rows.ROWS if r.ref and set(r.args) & set(e2e_rows.COMPILE_FLAGS)]
     runner = CliRunner()
     out = str(tmp_path / 'x.json')
     result = runner.invoke(run.main, ['--mode=e2e', '--device=cpu', '--rows=train-fp32,nope*', f'--out={out}'])
@@ -257,3 +259,17 @@ def test_compiling_rows_carry_a_compile_report(tmp_path):
     assert report['process_s'] > 0 and report['bypass_reasons'] == [] and report['dynamo_s'] == 0.0
     plain = e2e.run_row(e2e_rows.Row('gen-plain', 'generate', ()), ws, time_limit_s=200, gpu=None, env={})
     assert plain['ok'] and 'compile_report' not in plain
+
+
+def test_reference_kernels_wrapper_runs_the_script_on_the_reference_layers(tmp_path):
+    """python -m bench.reference_kernels SCRIPT: the script runs as __main__ with its arguments, on einsum attention
+    and convolution resampling."""
+    script = tmp_path / 'script.py'
+    script.write_text('import sys\nfrom training import networks\n'
+                      'print(__name__, sys.argv[1:], networks.get_attention_impl(), networks.get_resample_impl())\n')
+    proc = subprocess.run([sys.executable, '-m', 'bench.reference_kernels', str(script), '--x=1'],
+                          cwd=ROOT, capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == ['__main__', "['--x=1']", 'reference', 'reference']
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, check=True,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.stdout.split()[-2:] == ['auto', 'auto']  # our layers without the wrapper

@@ -78,6 +78,26 @@ def test_sdpa_matches_reference_attention(make, channels):
     assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize('make, channels', [(ddpmpp, 3), (edm2, 4)])
+@pytest.mark.parametrize('compiled', [False, True])
+def test_box_resampling_matches_reference_convolutions_in_bf16_channels_last(make, channels, compiled):
+    """Pooling / copying (resample 'auto') against cuDNN's depthwise convolutions: bf16 autocast, channels-last,
+    outputs and weight gradients, eager and compiled."""
+    torch.backends.cudnn.allow_tf32 = False
+    net = make().train().to(memory_format=torch.channels_last)
+    x, sigma, labels = inputs(channels)
+    results = {}
+    for impl in networks.RESAMPLE_IMPLS:
+        torch._dynamo.reset()
+        call = torch.compile(net) if compiled else net
+        with networks.resample_impl(impl), torch.autocast('cuda', dtype=torch.bfloat16):
+            out = call(x.to(memory_format=torch.channels_last), sigma, labels)
+            grads = torch.autograd.grad(out.float().square().mean(), list(net.parameters()), allow_unused=True)
+        results[impl] = [out] + [g for g in grads if g is not None]
+    for a, b in zip(results['auto'], results['reference']):
+        assert rel_err(a, b) < 1e-2
+
+
 @torch.no_grad()
 def test_channels_last_matches():
     torch.backends.cudnn.allow_tf32 = False

@@ -141,6 +141,116 @@ def test_sdpa_matches_reference_attention_in_network(model_type):
         torch.testing.assert_close(net(x, sigma, labels), expected, rtol=RTOL, atol=ATOL)
 
 #----------------------------------------------------------------------------
+# Resampling backends.
+
+def _reference_conv2d(conv: networks.Conv2d, x: torch.Tensor, fir: list) -> torch.Tensor:
+    """NVlabs/edm's Conv2d.forward written out from its definition (depthwise FIR convolutions, its paddings)."""
+    F = torch.nn.functional
+    f = torch.outer(torch.tensor(fir, dtype=torch.float32), torch.tensor(fir, dtype=torch.float32))
+    f = (f / f.sum())[None, None].to(x.dtype)
+    w = conv.weight.to(x.dtype) if conv.weight is not None else None
+    w_pad, f_pad = (w.shape[-1] // 2 if w is not None else 0), (len(fir) - 1) // 2
+    if conv.fused_resample and conv.up and w is not None:
+        x = F.conv_transpose2d(x, (f * 4).tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2, padding=max(f_pad - w_pad, 0))
+        x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))
+    elif conv.fused_resample and conv.down and w is not None:
+        x = F.conv2d(x, w, padding=w_pad + f_pad)
+        x = F.conv2d(x, f.tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2)
+    else:
+        if conv.up:
+            x = F.conv_transpose2d(x, (f * 4).tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2, padding=f_pad)
+        if conv.down:
+            x = F.conv2d(x, f.tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2, padding=f_pad)
+        if w is not None:
+            x = F.conv2d(x, w, padding=w_pad)
+    return x + conv.bias.to(x.dtype).reshape(1, -1, 1, 1) if conv.bias is not None else x
+
+
+class _AtenCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Names of the aten ops run below it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def box_resampling_on_cpu(monkeypatch):
+    """Pooling and copying on the CPU both ways, as on CUDA (the CPU convolves its downsampling: it is faster)."""
+    monkeypatch.setitem(networks.BOX_RESAMPLE_MODES, 'cpu', ('up', 'down'))
+
+
+def test_box_resampling_runs_pooling_and_copying_only_where_chosen(box_resampling_on_cpu):
+    x = torch.randn(2, 4, 8, 8)
+    for impl, expected in (('auto', {'avg_pool2d', 'upsample_nearest2d'}), ('reference', set())):
+        with networks.resample_impl(impl), _AtenCalls() as calls:
+            networks.Conv2d(4, 4, 0, up=True)(networks.Conv2d(4, 4, 0, down=True)(x))
+        assert calls.names & {'avg_pool2d', 'upsample_nearest2d'} == expected
+        assert ('convolution' in calls.names) == (impl == 'reference')
+        with networks.resample_impl(impl), _AtenCalls() as calls:
+            networks.Conv2d(4, 4, 0, down=True, resample_filter=[1, 3, 3, 1])(x)
+        assert 'convolution' in calls.names and 'avg_pool2d' not in calls.names  # not a box filter
+
+
+@pytest.mark.parametrize('fir', [[1, 1], [1, 3, 3, 1]])
+@pytest.mark.parametrize('kernel', [0, 1, 3])
+@pytest.mark.parametrize('mode', ['up', 'down', 'fused_up', 'fused_down'])
+def test_conv2d_resampling_matches_reference_in_both_backends(fir, kernel, mode, box_resampling_on_cpu):
+    """Every resampling path of Conv2d, fused ones included, gives NVlabs/edm's shapes and values, with the
+    box filter's pooling / copying ('auto') and with the convolutions ('reference'), in float32 and channels-last."""
+    torch.manual_seed(0)
+    conv = networks.Conv2d(6, 6, kernel, up='up' in mode, down='down' in mode, fused_resample='fused' in mode,
+                           resample_filter=fir, init_bias=1)
+    assert conv.box_filter == (fir == [1, 1])
+    x = torch.randn(2, 6, 8, 8)
+    expected = _reference_conv2d(conv, x, fir)
+    assert expected.shape[-1] == (16 if 'up' in mode else 4)
+    for impl in networks.RESAMPLE_IMPLS:
+        with networks.resample_impl(impl):
+            for layout in (torch.contiguous_format, torch.channels_last):
+                out = conv(x.to(memory_format=layout))
+                torch.testing.assert_close(out, expected, rtol=4 * torch.finfo(torch.float32).eps, atol=1e-6, msg=impl)
+
+
+def test_box_resampling_matches_convolutions_under_bf16_autocast_with_gradients(box_resampling_on_cpu):
+    """DDPM++'s down and up blocks under bf16 autocast: pooling / copying give the convolutions' dtype, values and
+    gradients (the products with 1/4 and 1 are exact), also for a float32 input that autocast would cast."""
+    torch.manual_seed(0)
+    down, up, aux = networks.Conv2d(8, 16, 3, down=True), networks.Conv2d(16, 8, 1, up=True), networks.Conv2d(3, 3, 0, down=True)
+    x = torch.randn(4, 8, 16, 16, requires_grad=True)
+    results = {}
+    for impl in networks.RESAMPLE_IMPLS:
+        with networks.resample_impl(impl), torch.autocast('cpu', dtype=torch.bfloat16):
+            y = up(down(x))
+            assert y.dtype == aux(torch.randn(2, 3, 8, 8)).dtype == torch.bfloat16
+            results[impl] = (y, *torch.autograd.grad(y.float().square().sum(), [x, down.weight, up.weight]))
+    for a, b in zip(results['auto'], results['reference']):
+        torch.testing.assert_close(a, b, rtol=2 * 2**-8, atol=0)
+
+
+@pytest.mark.parametrize('mode', ['up', 'down'])
+def test_edm2_resample_backends_agree(mode, box_resampling_on_cpu):
+    x = torch.randn(2, 5, 8, 8)
+    for fir in ([1, 1], (1, 1), [1, 3, 3, 1]):
+        with networks.resample_impl('reference'):
+            expected = networks_edm2.resample(x, fir, mode)
+        torch.testing.assert_close(networks_edm2.resample(x, fir, mode), expected, rtol=4 * torch.finfo(torch.float32).eps, atol=1e-6)
+
+
+def test_resample_and_reference_kernel_switches():
+    with pytest.raises(ValueError, match="'auto', 'reference'"):
+        networks.set_resample_impl('pool')
+    with networks.reference_kernels():
+        assert (networks.get_attention_impl(), networks.get_resample_impl()) == ('reference', 'reference')
+    assert (networks.get_attention_impl(), networks.get_resample_impl()) == ('auto', 'auto')
+    assert networks.is_box_filter([1, 1]) and networks.is_box_filter((2.0, 2)) and not networks.is_box_filter([1, 2])
+    assert not networks.is_box_filter([1, 3, 3, 1])
+
+#----------------------------------------------------------------------------
 # Preconditioning, training mode, dtypes, batching.
 
 @pytest.mark.parametrize('precond', ['VPPrecond', 'VEPrecond', 'iDDPMPrecond', 'EDMPrecond'])

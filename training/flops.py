@@ -82,8 +82,9 @@ def count_flops(net: torch.nn.Module, batch: int = 1) -> tuple[int, int]:
     was_training = net.training
     net.eval()
     try:
-        # The einsum path is counted on every device; fused SDPA kernels are not registered everywhere.
-        with networks.attention_impl('reference'), FlopCounterMode(display=False) as counter, torch.no_grad():
+        # The reference kernels are counted on every device (fused SDPA kernels are not registered everywhere), and
+        # its depthwise resampling convolutions count as the reference code counts them.
+        with networks.reference_kernels(), FlopCounterMode(display=False) as counter, torch.no_grad():
             net(*example_inputs(net, batch))
     finally:
         net.train(was_training)
@@ -111,7 +112,7 @@ def op_breakdown(net: torch.nn.Module, batch: int = 1) -> dnnlib.EasyDict:
     was_training = net.training
     net.eval()
     try:
-        with networks.attention_impl('reference'), FlopCounterMode(display=False) as counter, _OpCalls() as calls, torch.no_grad():
+        with networks.reference_kernels(), FlopCounterMode(display=False) as counter, _OpCalls() as calls, torch.no_grad():
             net(*example_inputs(net, batch))
     finally:
         net.train(was_training)
@@ -143,7 +144,7 @@ def peak_memory_per_sample(net: torch.nn.Module, device: torch.device) -> float 
         return None
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.max_memory_allocated(device)
-    with networks.attention_impl('reference'), torch.no_grad():
+    with networks.reference_kernels(), torch.no_grad():
         net.eval()(*example_inputs(net))
     return torch.cuda.max_memory_allocated(device) - before
 

@@ -17,11 +17,16 @@ from torch_utils import persistence
 
 # The reference EDM2 code executes this file's source when it loads our pickles, and it has no other
 # module of this project: so this file only imports torch, numpy and torch_utils at load time.
-try:  # one attention switch for the whole project, owned by training.networks
-    from training.networks import use_sdpa
-except ImportError:  # running as embedded source inside the reference code
+try:  # one attention and one resampling switch for the whole project, owned by training.networks
+    from training.networks import box_resample, is_box_filter, use_sdpa
+except ImportError:  # running as embedded source inside the reference code: SDPA, convolution resampling
     def use_sdpa(head_channels: int) -> bool:
         return True
+
+    def is_box_filter(resample_filter: Sequence[float]) -> bool:
+        return False
+
+    box_resample = None
 
 #----------------------------------------------------------------------------
 # Input validation and attention.
@@ -77,6 +82,8 @@ def resample(x: torch.Tensor, f: Sequence[float] = (1, 1), mode: str = 'keep') -
         return x
     if mode not in ('up', 'down'):
         raise ValueError(f"resample mode must be one of ('keep', 'up', 'down'), got {mode!r}")
+    if is_box_filter(f) and (y := box_resample(x, mode)) is not None:
+        return y  # the same numbers as the convolutions below (training/networks.py, resampling backend)
     pad = (len(f) - 1) // 2
     kernel = torch.tensor(_fir_kernel_2d(f), dtype=x.dtype, device=x.device)[None, None]
     c = x.shape[1]

@@ -1,0 +1,25 @@
+"""Run one of our scripts on the reference code's kernels: einsum attention and resampling by depthwise
+convolutions (training.networks.reference_kernels), whatever the flags.
+
+    python -m bench.reference_kernels train.py --fp16=1 ...
+
+The e2e benchmark runs its reference rows (EDM's --fp16=1, fp32 sampling, EDM2's fp16) this way, so that they
+time the layers NVlabs/edm and NVlabs/edm2 run rather than ours under the reference's flags.
+"""
+
+import sys
+
+from bench.compile_report import run_script
+from training import networks
+
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        sys.exit('usage: python -m bench.reference_kernels SCRIPT.py [ARGS...]')
+    networks.set_attention_impl('reference')
+    networks.set_resample_impl('reference')
+    run_script(sys.argv[1], sys.argv[2:])
+
+
+if __name__ == '__main__':
+    main()
