@@ -76,6 +76,20 @@ def _fir_kernel_2d(f: Sequence[float]) -> list:
     return [[a * b for b in taps] for a in taps]
 
 
+_fir_kernels = {}  # (taps, dtype, device) -> kernel tensor, as the reference caches it (misc.const_like)
+
+
+def _fir_kernel(f: Sequence[float], x: torch.Tensor) -> torch.Tensor:
+    # Eager mode reuses one tensor per filter, dtype and device: building it in every call copied it to the GPU
+    # and made the host wait for the device each time. A compiled graph takes the Python floats as a constant.
+    if torch.compiler.is_compiling():
+        return torch.tensor(_fir_kernel_2d(f), dtype=x.dtype, device=x.device)[None, None]
+    key = (tuple(float(v) for v in f), x.dtype, x.device)
+    if key not in _fir_kernels:
+        _fir_kernels[key] = torch.tensor(_fir_kernel_2d(f), dtype=x.dtype, device=x.device)[None, None]
+    return _fir_kernels[key]
+
+
 def resample(x: torch.Tensor, f: Sequence[float] = (1, 1), mode: str = 'keep') -> torch.Tensor:
     """2x FIR upsampling ('up'), downsampling ('down') or identity ('keep') per channel (EDM2 Fig. 21)."""
     if mode == 'keep':
@@ -85,7 +99,7 @@ def resample(x: torch.Tensor, f: Sequence[float] = (1, 1), mode: str = 'keep') -
     if is_box_filter(f) and (y := box_resample(x, mode)) is not None:
         return y  # the same numbers as the convolutions below (training/networks.py, resampling backend)
     pad = (len(f) - 1) // 2
-    kernel = torch.tensor(_fir_kernel_2d(f), dtype=x.dtype, device=x.device)[None, None]
+    kernel = _fir_kernel(f, x)
     c = x.shape[1]
     if mode == 'down':
         return torch.nn.functional.conv2d(x, kernel.tile([c, 1, 1, 1]), groups=c, stride=2, padding=(pad,))
