@@ -253,6 +253,25 @@ def test_resample_and_reference_kernel_switches():
     assert networks.is_box_filter([1, 1]) and networks.is_box_filter((2.0, 2)) and not networks.is_box_filter([1, 2])
     assert not networks.is_box_filter([1, 3, 3, 1])
 
+def test_label_dropout_draws_one_mask_per_image_as_the_reference():
+    """NVlabs/edm draws torch.rand([x.shape[0], 1]) for label dropout, also for a broadcast [1, label_dim] label."""
+    labels = torch.ones(1, 4)
+    torch.manual_seed(1)
+    expected = labels * (torch.rand([6, 1]) >= 0.5).to(labels.dtype)
+    torch.manual_seed(1)
+    dropped = networks._drop_labels(labels, 0.5, True, 6)
+    assert dropped.shape == (6, 4) and torch.equal(dropped, expected) and 0 < dropped[:, 0].sum() < 6
+    for model_type in ('SongUNet', 'DhariwalUNet'):
+        net = tiny_edm(model_type, label_dropout=0.5).model.train()
+        x, sigma, _ = tiny_inputs(batch=5)
+        torch.manual_seed(0)
+        net(x, sigma, labels)  # one label for the batch
+        after_one = torch.rand(1)
+        torch.manual_seed(0)
+        torch.rand([5, 1])
+        assert torch.equal(after_one, torch.rand(1))  # the forward drew five numbers: one per image
+
+
 #----------------------------------------------------------------------------
 # Preconditioning, training mode, dtypes, batching.
 

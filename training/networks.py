@@ -452,11 +452,12 @@ class FourierEmbedding(torch.nn.Module):
 #----------------------------------------------------------------------------
 # Shared pieces of the two EDM backbones.
 
-def _drop_labels(labels: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    # Zero whole label vectors with probability p, for classifier-free guidance.
+def _drop_labels(labels: torch.Tensor, p: float, training: bool, batch_size: int) -> torch.Tensor:
+    # Zero whole label vectors with probability p, for classifier-free guidance. One draw per image of the batch,
+    # as the reference: a broadcast [1, label_dim] label then gets a mask of its own in every image.
     if not training or not p:
         return labels
-    keep = torch.rand([labels.shape[0], 1], device=labels.device) >= p
+    keep = torch.rand([batch_size, 1], device=labels.device) >= p
     return labels * keep.to(labels.dtype)
 
 
@@ -583,11 +584,11 @@ class SongUNet(torch.nn.Module):
                 self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(num_channels=cout, eps=1e-6)
                 self.dec[f'{res}x{res}_aux_conv'] = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
 
-    def _embed(self, noise_labels, class_labels, augment_labels):
+    def _embed(self, noise_labels, class_labels, augment_labels, batch_size: int):
         emb = self.map_noise(noise_labels)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)  # [sin, cos] order of Song et al.
         if self.map_label is not None:
-            labels = _drop_labels(class_labels, self.label_dropout, self.training)
+            labels = _drop_labels(class_labels, self.label_dropout, self.training, batch_size)
             emb = emb + self.map_label(labels * math.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
@@ -596,7 +597,7 @@ class SongUNet(torch.nn.Module):
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
         _check_backbone_inputs(self, x, noise_labels, class_labels, augment_labels)
-        emb = self._embed(noise_labels, class_labels, augment_labels)
+        emb = self._embed(noise_labels, class_labels, augment_labels, x.shape[0])
 
         # Encoder; the aux_* layers carry the downsampled input image (NCSN++ progressive input).
         skips = []
@@ -696,19 +697,19 @@ class DhariwalUNet(torch.nn.Module):
         self.out_norm = GroupNorm(num_channels=cout)
         self.out_conv = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
 
-    def _embed(self, noise_labels, class_labels, augment_labels):
+    def _embed(self, noise_labels, class_labels, augment_labels, batch_size: int):
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
         emb = silu(self.map_layer0(emb))
         emb = self.map_layer1(emb)
         if self.map_label is not None:
-            emb = emb + self.map_label(_drop_labels(class_labels, self.label_dropout, self.training))
+            emb = emb + self.map_label(_drop_labels(class_labels, self.label_dropout, self.training, batch_size))
         return silu(emb)
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
         _check_backbone_inputs(self, x, noise_labels, class_labels, augment_labels)
-        emb = self._embed(noise_labels, class_labels, augment_labels)
+        emb = self._embed(noise_labels, class_labels, augment_labels, x.shape[0])
         skips = []
         for block in self.enc.values():
             x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
