@@ -44,47 +44,23 @@ def check_batch(name: str, tensor, batch_size: int) -> None:
         raise ValueError(f'{name} has batch size {tensor.shape[0]}, expected 1 or {batch_size} to match the images')
 
 #----------------------------------------------------------------------------
-# Attention backend. 'sdpa' uses torch's fused scaled_dot_product_attention; 'reference' runs
-# the einsum math of the reference code. Neither touches parameters, so state_dicts and
-# constructor arguments are identical under both.
+# Backends: process-wide choices of how a layer computes, never what. None touches parameters, so
+# state_dicts and constructor arguments are identical under all of them.
+#
+# Attention: 'sdpa' uses torch's fused scaled_dot_product_attention; 'reference' runs the einsum math of the
+# reference code; 'auto' takes SDPA up to SDPA_MAX_HEAD_CHANNELS per head and the einsum above (with DDPM++'s
+# single 256-channel head the einsum trained 4% faster on an H200, eager and compiled: docs/performance.md).
+#
+# Resampling: the reference resamples by per-channel (depthwise) convolutions with its FIR filter. With the box
+# filter [1,1] of DDPM++, ADM and EDM2 these compute a 2x2 mean (down) and a nearest 2x copy (up): 'auto' runs
+# them as average pooling and nearest upsampling where BOX_RESAMPLE_MODES says so, 'reference' keeps the
+# convolutions. Other filters always take the convolutions.
 
 ATTENTION_IMPLS = ('auto', 'sdpa', 'reference')
-_attention = {'impl': 'auto'}
-# 'auto' takes SDPA up to this many channels per head, the einsum above it: with DDPM++'s single 256-channel
-# head the einsum trained 4% faster on an H200, eager and compiled (docs/performance.md).
-SDPA_MAX_HEAD_CHANNELS = 128
-
-
-def get_attention_impl() -> str:
-    """Name of the attention backend used by every network in this project."""
-    return _attention['impl']
-
-
-def set_attention_impl(impl: str) -> None:
-    """Select the attention backend globally: 'auto' (default), 'sdpa' or 'reference' (einsum math)."""
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f'attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}')
-    _attention['impl'] = impl
-
-
-@contextlib.contextmanager
-def attention_impl(impl: str) -> Iterator[None]:
-    """Context manager that temporarily switches the attention backend."""
-    previous = get_attention_impl()
-    set_attention_impl(impl)
-    try:
-        yield
-    finally:
-        set_attention_impl(previous)
-
-#----------------------------------------------------------------------------
-# Resampling backend. The reference resamples by per-channel (depthwise) convolutions with its FIR filter. With the
-# box filter [1,1] of DDPM++, ADM and EDM2 these compute a 2x2 mean (down) and a nearest 2x copy (up): 'auto' runs
-# them as average pooling and nearest upsampling where that is faster, 'reference' keeps the convolutions. Other
-# filters always take the convolutions.
-
 RESAMPLE_IMPLS = ('auto', 'reference')
-_resample = {'impl': 'auto'}
+_IMPLS = {'attention': ATTENTION_IMPLS, 'resample': RESAMPLE_IMPLS}
+_backend = {'attention': 'auto', 'resample': 'auto'}
+SDPA_MAX_HEAD_CHANNELS = 128
 # Where 'auto' pools or copies, per device type. CUDA: cuDNN's depthwise kernels took 0.8 ms a call at DDPM++'s
 # 32x32 level, batch 512 (6% of a training step, 10% of sampling, H200 profiles of sessions 27-28). CPU (2 cores,
 # 16x128x32x32, eager): nearest upsampling beat the transposed convolution 1.2-130x, but avg_pool2d never beat
@@ -92,27 +68,50 @@ _resample = {'impl': 'auto'}
 BOX_RESAMPLE_MODES = {'cuda': ('up', 'down'), 'cpu': ('up',)}
 
 
+def _set_backend(kind: str, impl: str) -> None:
+    if impl not in _IMPLS[kind]:
+        raise ValueError(f'{kind} impl must be one of {_IMPLS[kind]}, got {impl!r}')
+    _backend[kind] = impl
+
+
+@contextlib.contextmanager
+def _backend_scope(kind: str, impl: str) -> Iterator[None]:
+    previous = _backend[kind]
+    _set_backend(kind, impl)
+    try:
+        yield
+    finally:
+        _backend[kind] = previous
+
+
+def get_attention_impl() -> str:
+    """Name of the attention backend used by every network in this project."""
+    return _backend['attention']
+
+
+def set_attention_impl(impl: str) -> None:
+    """Select the attention backend globally: 'auto' (default), 'sdpa' or 'reference' (einsum math)."""
+    _set_backend('attention', impl)
+
+
+def attention_impl(impl: str) -> contextlib.AbstractContextManager:
+    """Context manager that temporarily switches the attention backend."""
+    return _backend_scope('attention', impl)
+
+
 def get_resample_impl() -> str:
     """Name of the resampling backend used by every network in this project."""
-    return _resample['impl']
+    return _backend['resample']
 
 
 def set_resample_impl(impl: str) -> None:
     """Select the resampling backend globally: 'auto' (default) or 'reference' (depthwise convolutions)."""
-    if impl not in RESAMPLE_IMPLS:
-        raise ValueError(f'resample impl must be one of {RESAMPLE_IMPLS}, got {impl!r}')
-    _resample['impl'] = impl
+    _set_backend('resample', impl)
 
 
-@contextlib.contextmanager
-def resample_impl(impl: str) -> Iterator[None]:
+def resample_impl(impl: str) -> contextlib.AbstractContextManager:
     """Context manager that temporarily switches the resampling backend."""
-    previous = get_resample_impl()
-    set_resample_impl(impl)
-    try:
-        yield
-    finally:
-        set_resample_impl(previous)
+    return _backend_scope('resample', impl)
 
 
 @contextlib.contextmanager
@@ -130,7 +129,7 @@ def is_box_filter(resample_filter: Sequence[float]) -> bool:
 def box_resample(x: torch.Tensor, mode: str) -> torch.Tensor | None:
     """2x box resampling of x as the reference's depthwise convolution computes it: 'down' = mean of each 2x2
     block, 'up' = each pixel copied to a 2x2 block; None where the convolution runs instead."""
-    if _resample['impl'] != 'auto' or mode not in BOX_RESAMPLE_MODES.get(x.device.type, ()):
+    if _backend['resample'] != 'auto' or mode not in BOX_RESAMPLE_MODES.get(x.device.type, ()):
         return None
     if torch.is_autocast_enabled(x.device.type):  # the convolution would have run in autocast's dtype
         x = x.to(torch.get_autocast_dtype(x.device.type))
@@ -172,7 +171,7 @@ def _fp32_attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def use_sdpa(head_channels: int) -> bool:
     """Whether attention over heads of `head_channels` channels runs through SDPA under the current backend."""
-    impl = _attention['impl']
+    impl = _backend['attention']
     return impl == 'sdpa' or (impl == 'auto' and head_channels <= SDPA_MAX_HEAD_CHANNELS)
 
 
@@ -181,7 +180,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp32_weights: b
     if use_sdpa(q.shape[-2]):
         out = torch.nn.functional.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
         return out.transpose(-1, -2)
-    if fp32_weights and _attention_ops is not None and _attention['impl'] == 'auto' and _attention_ops.supports(q, k):
+    if fp32_weights and _attention_ops is not None and _backend['attention'] == 'auto' and _attention_ops.supports(q, k):
         # bf16 q, k: the same float32 logits from a bf16 GEMM with float32 output ('reference' keeps the einsum)
         logits = _attention_ops.attention_logits(q, k * (1 / math.sqrt(k.shape[-2])))
         weights = logits.softmax(dim=-1).to(q.dtype)
