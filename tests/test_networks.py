@@ -244,6 +244,20 @@ def test_edm2_resample_backends_agree(mode, box_resampling_on_cpu):
     assert networks_edm2._fir_kernel([1, 3, 3, 1], x.double()).dtype == torch.float64
 
 
+def test_reference_code_resamples_by_convolution_on_our_pickled_source(box_resampling_on_cpu):
+    """Where the reference code executes networks.py stored in our pickles (perhaps under an older torch), its
+    Conv2d resamples by the convolutions, as the reference's does, whatever BOX_RESAMPLE_MODES says."""
+    import inspect
+    from tests.test_pickle_compat import _exec_as_reference_would
+    namespace = _exec_as_reference_would(inspect.getsource(networks), 'training.networks')
+    assert not namespace['_IN_PROJECT']
+    namespace['BOX_RESAMPLE_MODES']['cpu'] = ('up', 'down')
+    x = torch.randn(2, 4, 8, 8)
+    with _AtenCalls() as calls:
+        namespace['Conv2d'](4, 4, 0, up=True)(namespace['Conv2d'](4, 4, 0, down=True)(x))
+    assert 'convolution' in calls.names and not calls.names & {'avg_pool2d', 'upsample_nearest2d'}
+
+
 def test_resample_and_reference_kernel_switches():
     with pytest.raises(ValueError, match="'auto', 'reference'"):
         networks.set_resample_impl('pool')

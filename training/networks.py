@@ -22,6 +22,8 @@ try:  # this project only: where the reference code runs the source stored in ou
     from training import attention_ops as _attention_ops
 except ImportError:
     _attention_ops = None
+# Inside the reference code (which may run a torch older than ours) every layer computes as the reference's does.
+_IN_PROJECT = _attention_ops is not None
 
 #----------------------------------------------------------------------------
 # Input validation shared by every outer forward().
@@ -129,7 +131,7 @@ def is_box_filter(resample_filter: Sequence[float]) -> bool:
 def box_resample(x: torch.Tensor, mode: str) -> torch.Tensor | None:
     """2x box resampling of x as the reference's depthwise convolution computes it: 'down' = mean of each 2x2
     block, 'up' = each pixel copied to a 2x2 block; None where the convolution runs instead."""
-    if _backend['resample'] != 'auto' or mode not in BOX_RESAMPLE_MODES.get(x.device.type, ()):
+    if not _IN_PROJECT or _backend['resample'] != 'auto' or mode not in BOX_RESAMPLE_MODES.get(x.device.type, ()):
         return None
     if torch.is_autocast_enabled(x.device.type):  # the convolution would have run in autocast's dtype
         x = x.to(torch.get_autocast_dtype(x.device.type))
