@@ -258,6 +258,21 @@ def test_reference_code_resamples_by_convolution_on_our_pickled_source(box_resam
     assert 'convolution' in calls.names and not calls.names & {'avg_pool2d', 'upsample_nearest2d'}
 
 
+def test_our_pickled_source_runs_under_a_torch_without_compiler_is_compiling(monkeypatch):
+    """The reference code may run our pickled networks under torch < 2.3, which has no torch.compiler.is_compiling:
+    attention and EDM2 resampling must not need it outside a compile."""
+    import inspect
+    from tests.test_pickle_compat import _exec_as_reference_would
+    edm = _exec_as_reference_would(inspect.getsource(networks), 'training.networks')
+    edm2 = _exec_as_reference_would(inspect.getsource(networks_edm2), 'training.networks_edm2')
+    monkeypatch.delattr(torch.compiler, 'is_compiling')
+    q = torch.randn(2, 16, 8)
+    assert edm['attention'](q, q, q).shape == (2, 16, 8)
+    x = torch.randn(2, 4, 8, 8)
+    assert edm2['resample'](x, [1, 1], 'down').shape == (2, 4, 4, 4)
+    assert edm2['resample'](x, [1, 3, 3, 1], 'up').shape == (2, 4, 16, 16)
+
+
 def test_resample_and_reference_kernel_switches():
     with pytest.raises(ValueError, match="'auto', 'reference'"):
         networks.set_resample_impl('pool')

@@ -25,6 +25,12 @@ except ImportError:
 # Inside the reference code (which may run a torch older than ours) every layer computes as the reference's does.
 _IN_PROJECT = _attention_ops is not None
 
+
+def _compiling() -> bool:
+    # torch.compiler.is_compiling() arrived in torch 2.3; the reference code may run this source under an older one.
+    is_compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', None)
+    return is_compiling is not None and is_compiling()
+
 #----------------------------------------------------------------------------
 # Input validation shared by every outer forward().
 
@@ -186,7 +192,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp32_weights: b
         # bf16 q, k: the same float32 logits from a bf16 GEMM with float32 output ('reference' keeps the einsum)
         logits = _attention_ops.attention_logits(q, k * (1 / math.sqrt(k.shape[-2])))
         weights = logits.softmax(dim=-1).to(q.dtype)
-    elif fp32_weights and torch.compiler.is_compiling():
+    elif fp32_weights and _compiling():
         weights = _fp32_attention_weights(q, k)  # the same forward; a custom Function keeps the graph out of the compile cache
     elif fp32_weights:
         weights = _FP32AttentionWeights.apply(q, k)

@@ -82,7 +82,8 @@ _fir_kernels = {}  # (taps, dtype, device) -> kernel tensor, as the reference ca
 def _fir_kernel(f: Sequence[float], x: torch.Tensor) -> torch.Tensor:
     # Eager mode reuses one tensor per filter, dtype and device: building it in every call copied it to the GPU
     # and made the host wait for the device each time. A compiled graph takes the Python floats as a constant.
-    if torch.compiler.is_compiling():
+    is_compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', None)  # torch >= 2.3; the reference
+    if is_compiling is not None and is_compiling():                                # code may run an older one
         return torch.tensor(_fir_kernel_2d(f), dtype=x.dtype, device=x.device)[None, None]
     key = (tuple(float(v) for v in f), x.dtype, x.device)
     if key not in _fir_kernels:
