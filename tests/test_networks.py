@@ -266,8 +266,8 @@ def test_our_pickled_source_runs_under_a_torch_without_compiler_is_compiling(mon
     edm = _exec_as_reference_would(inspect.getsource(networks), 'training.networks')
     edm2 = _exec_as_reference_would(inspect.getsource(networks_edm2), 'training.networks_edm2')
     monkeypatch.delattr(torch.compiler, 'is_compiling')
-    q = torch.randn(2, 16, 8)
-    assert edm['attention'](q, q, q).shape == (2, 16, 8)
+    q = torch.randn(2, 256, 8)  # a DDPM++ head: the einsum path, not SDPA
+    assert edm['attention'](q, q, q).shape == (2, 256, 8)
     x = torch.randn(2, 4, 8, 8)
     assert edm2['resample'](x, [1, 1], 'down').shape == (2, 4, 4, 4)
     assert edm2['resample'](x, [1, 3, 3, 1], 'up').shape == (2, 4, 16, 16)
