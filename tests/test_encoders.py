@@ -86,6 +86,7 @@ def test_vae_encoder_math(tiny_vae):
     final = enc.encode_latents(raw, noise=noise)
     scale, bias = torch.tensor(enc.scale).reshape(1, 4, 1, 1), torch.tensor(enc.bias).reshape(1, 4, 1, 1)
     torch.testing.assert_close(final, (raw[:, :4] + noise * raw[:, 4:]) * scale + bias)
+    assert enc._const(final, enc.scale).data_ptr() == enc._const(raw, enc.scale).data_ptr()  # one upload per device
     torch.manual_seed(1)
     sampled = enc.encode_latents(raw.contiguous())  # as loaded from a dataset; randn_like follows memory format
     torch.manual_seed(1)

@@ -240,7 +240,7 @@ def test_edm2_resample_backends_agree(mode, box_resampling_on_cpu):
             expected = networks_edm2.resample(x, fir, mode)
         torch.testing.assert_close(networks_edm2.resample(x, fir, mode), expected, rtol=4 * torch.finfo(torch.float32).eps, atol=1e-6)
     # Eager convolutions reuse one filter tensor per filter, dtype and device, as the reference's const_like does
-    assert networks_edm2._fir_kernel([1, 3, 3, 1], x) is networks_edm2._fir_kernel((1, 3, 3, 1), x)
+    assert networks_edm2._fir_kernel([1, 3, 3, 1], x).data_ptr() == networks_edm2._fir_kernel((1, 3, 3, 1), x).data_ptr()
     assert networks_edm2._fir_kernel([1, 3, 3, 1], x.double()).dtype == torch.float64
 
 

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-from torch_utils import persistence
+from torch_utils import misc, persistence
 
 warnings.filterwarnings('ignore', 'torch.utils._pytree._register_pytree_node is deprecated.')
 warnings.filterwarnings('ignore', '`resume_download` is deprecated')
@@ -120,7 +120,9 @@ class StabilityVAEEncoder(Encoder):
         return torch.cat([self._run_vae_encoder(batch) for batch in x.split(self.batch_size)])
 
     def _const(self, x: torch.Tensor, value: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(value, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+        # Cached per dtype and device, as the reference's const_like: a fresh upload would make the host wait for
+        # the GPU in every call (each round of every EDM2 training step).
+        return misc.const_like(x, value).reshape(1, -1, 1, 1)
 
     def encode_latents(self, x: torch.Tensor, noise: torch.Tensor = None) -> torch.Tensor:
         """Sample the posterior, mean + std * noise, and whiten; `noise` None = torch.randn_like."""

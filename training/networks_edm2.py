@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from torch_utils import persistence
+from torch_utils import misc, persistence
 
 # The reference EDM2 code executes this file's source when it loads our pickles, and it has no other
 # module of this project: so this file only imports torch, numpy and torch_utils at load time.
@@ -76,19 +76,14 @@ def _fir_kernel_2d(f: Sequence[float]) -> list:
     return [[a * b for b in taps] for a in taps]
 
 
-_fir_kernels = {}  # (taps, dtype, device) -> kernel tensor, as the reference caches it (misc.const_like)
-
-
 def _fir_kernel(f: Sequence[float], x: torch.Tensor) -> torch.Tensor:
-    # Eager mode reuses one tensor per filter, dtype and device: building it in every call copied it to the GPU
-    # and made the host wait for the device each time. A compiled graph takes the Python floats as a constant.
+    # Eager mode reuses one tensor per filter, dtype and device (misc.const_like, as the reference): building it in
+    # every call copied it to the GPU and made the host wait for the device each time. A compiled graph takes the
+    # Python floats as a constant.
     is_compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', None)  # torch >= 2.3; the reference
     if is_compiling is not None and is_compiling():                                # code may run an older one
         return torch.tensor(_fir_kernel_2d(f), dtype=x.dtype, device=x.device)[None, None]
-    key = (tuple(float(v) for v in f), x.dtype, x.device)
-    if key not in _fir_kernels:
-        _fir_kernels[key] = torch.tensor(_fir_kernel_2d(f), dtype=x.dtype, device=x.device)[None, None]
-    return _fir_kernels[key]
+    return misc.const_like(x, _fir_kernel_2d(f))[None, None]
 
 
 def resample(x: torch.Tensor, f: Sequence[float] = (1, 1), mode: str = 'keep') -> torch.Tensor:
