@@ -462,12 +462,12 @@ def _make_iterators(ctx) -> None:
 # One optimizer step.
 
 
-def _to_model_space(ctx, images):
-    """uint8 pixels -> [-1, 1] (EDM) or encoder latents (EDM2)."""
+def _to_device(ctx, images, labels):
+    """(images in model space, labels) on the device: uint8 pixels -> [-1, 1] (EDM) or encoder latents (EDM2).
+    The DataLoader pins its batches, so neither copy makes the host wait for the GPU (the reference's do)."""
     images = images.to(ctx.device, non_blocking=True)
-    if ctx.encoder is not None:
-        return ctx.encoder.encode_latents(images)
-    return images.to(torch.float32) / 127.5 - 1
+    images = ctx.encoder.encode_latents(images) if ctx.encoder is not None else images.to(torch.float32) / 127.5 - 1
+    return images, labels.to(ctx.device, non_blocking=True)
 
 
 def train_step(ctx) -> None:
@@ -476,7 +476,7 @@ def train_step(ctx) -> None:
     ctx.recipe.seed_rng(ctx.rank, ctx.cur_nimg)
     ctx.optimizer.zero_grad(set_to_none=True)
     batches = [_next_batch(ctx.data_iter) for _ in range(ctx.rounds)]
-    batches = [(_to_model_space(ctx, images), labels.to(ctx.device)) for images, labels in batches]
+    batches = [_to_device(ctx, images, labels) for images, labels in batches]
     refs = _stf_references(ctx, batches) if cfg.stf else [{}] * ctx.rounds
     batch_gpu_total = ctx.batch_gpu * ctx.rounds
     net = speed.autocast_calls(ctx.ddp, ctx.device, enabled=cfg.bf16)
@@ -514,7 +514,7 @@ def _stf_references(ctx, batches) -> list[dict]:
     extra_images = extra_labels = None
     if ctx.ref_iter is not None:
         extra_images, extra_labels = _next_batch(ctx.ref_iter)
-        extra_images, extra_labels = _to_model_space(ctx, extra_images), extra_labels.to(ctx.device)
+        extra_images, extra_labels = _to_device(ctx, extra_images, extra_labels)
     refs = []
     for round_idx in range(len(batches)):
         others = [b for i, b in enumerate(batches) if i != round_idx]
