@@ -125,6 +125,27 @@ def test_sweep_train_times_each_variant_on_cpu():
     assert abs(sum(profile['groups'].values()) - profile['busy_s']) < 1e-6 and profile['top'][0]['s'] > 0
 
 
+def test_sync_report_counts_each_waiting_call_site_with_its_stack(tmp_path):
+    """bench/sync_report.py: every synchronising call counted once per site, with our frames; other warnings pass."""
+    script = tmp_path / 'script.py'
+    script.write_text('import sys, warnings\n'
+                      'def step():\n'
+                      '    warnings.warn("called a synchronizing CUDA operation")\n'
+                      'for _ in range(3):\n'
+                      '    step()\n'
+                      'warnings.warn("another warning")\n'
+                      'print(sys.argv[1:])\n')
+    out = tmp_path / 'syncs.json'
+    proc = subprocess.run([sys.executable, '-m', 'bench.sync_report', f'--out={out}', str(script), '--x=1'],
+                          check=True, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.stdout.strip() == "['--x=1']" and 'another warning' in proc.stderr
+    report = json.loads(out.read_text())
+    assert report['total'] == 3 and len(report['sites']) == 1 and report['sites'][0]['count'] == 3
+    stack = report['sites'][0]['stack']
+    assert [line.split(' ', 1)[0].rsplit(':', 1)[1] for line in stack] == ['5', '3'] and 'step()' in stack[0]
+
+
 def test_compile_report_keeps_cache_bypass_reasons(tmp_path):
     """bench/compile_report.py: phases and counters of a compiled script, and why a graph missed a cache."""
     script = tmp_path / 'script.py'
