@@ -11,7 +11,7 @@ implementation, so a seeded call augments identically.
 import numpy as np
 import torch
 
-from torch_utils import persistence
+from torch_utils import misc, persistence
 
 # Low-pass filter used to resample during geometric transformations
 # (symlet-6 wavelet, 12 taps).
@@ -30,7 +30,7 @@ def matrix(*rows, device=None) -> torch.Tensor:
     """Stack scalars and per-sample tensors into a (batched) matrix."""
     tensors = [x for row in rows for x in row if isinstance(x, torch.Tensor)]
     if not tensors:
-        return torch.as_tensor(np.asarray(rows), dtype=torch.float32, device=device)
+        return misc.constant(np.asarray(rows), dtype=torch.float32, device=device)  # cached: no upload per call
     ref = tensors[0]
     elems = [x if isinstance(x, torch.Tensor) else torch.full_like(ref, x, dtype=torch.float32)
              for row in rows for x in row]
@@ -227,14 +227,14 @@ class AugmentPipe:
         corners = G_inv @ corners.t()                               # [N, xyz, corner]
         margin = corners[:, :2, :].permute(1, 0, 2).flatten(1)      # [xy, N * corner]
         margin = torch.cat([-margin, margin]).max(dim=1).values     # [x0, y0, x1, y1]
-        margin = margin + torch.tensor([Hz_pad * 2 - cx, Hz_pad * 2 - cy] * 2, device=device)
-        margin = margin.clamp(min=torch.zeros(4, device=device), max=torch.tensor([W - 1, H - 1] * 2, dtype=torch.float32, device=device))
+        margin = margin + misc.constant([Hz_pad * 2 - cx, Hz_pad * 2 - cy] * 2, dtype=torch.float32, device=device)
+        margin = margin.clamp(min=torch.zeros(4, device=device), max=misc.constant([W - 1, H - 1] * 2, dtype=torch.float32, device=device))
         mx0, my0, mx1, my1 = (int(v) for v in margin.ceil().to(torch.int32))
         images = torch.nn.functional.pad(input=images, pad=[mx0, mx1, my0, my1], mode='reflect')
         G_inv = translate2d((mx0 - mx1) / 2, (my0 - my1) / 2, device=device) @ G_inv
 
         # Upsample 2x with the low-pass filter (zero-stuffing, then separable convolution).
-        up = torch.as_tensor(Hz[::-1].copy(), dtype=images.dtype, device=device)[None, None, :].tile([C, 1, 1])
+        up = misc.constant(Hz[::-1], dtype=images.dtype, device=device)[None, None, :].tile([C, 1, 1])
         pad = (len(Hz) + 1) // 2
         images = torch.stack([images, torch.zeros_like(images)], dim=4).reshape(N, C, images.shape[2], -1)[:, :, :, :-1]
         images = torch.nn.functional.conv2d(images, up.unsqueeze(2), groups=C, padding=[0, pad])
@@ -250,7 +250,7 @@ class AugmentPipe:
         images = torch.nn.functional.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
 
         # Downsample 2x with the same filter and crop the padding.
-        down = torch.as_tensor(Hz, dtype=images.dtype, device=device)[None, None, :].tile([C, 1, 1])
+        down = misc.constant(Hz, dtype=images.dtype, device=device)[None, None, :].tile([C, 1, 1])
         pad = (len(Hz) - 1) // 2
         images = torch.nn.functional.conv2d(images, down.unsqueeze(2), groups=C, stride=[1, 2], padding=[0, pad])[:, :, :, Hz_pad:-Hz_pad]
         images = torch.nn.functional.conv2d(images, down.unsqueeze(3), groups=C, stride=[2, 1], padding=[pad, 0])[:, :, Hz_pad:-Hz_pad, :]
@@ -261,7 +261,7 @@ class AugmentPipe:
         N = images.shape[0]
         device = images.device
         I_4 = torch.eye(4, device=device)
-        luma = torch.as_tensor(np.asarray([1, 1, 1, 0]) / np.sqrt(3), dtype=torch.float32, device=device)
+        luma = misc.constant(np.asarray([1, 1, 1, 0]) / np.sqrt(3), dtype=torch.float32, device=device)
         luma_outer = luma.outer(luma)
         M = None
         def compose(m):
