@@ -126,11 +126,12 @@ def edm_sampler(
     t_steps = torch.cat([round_sigma(net, t_steps), torch.zeros_like(t_steps[:1])])  # t_N = 0
 
     x_next = noise.to(dtype) * t_steps[0]
+    churned = [S_min <= t <= S_max for t in t_steps[:-1].tolist()]  # one device read, not one wait per step
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
         # The reference draws the churn noise at every step, also where gamma = 0, so we do too:
         # that keeps the random stream, and thus the images, identical for any S_min/S_max.
-        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if churned[i] else 0
         t_hat = round_sigma(net, t_cur + gamma * t_cur)
         x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
         x_next = heun_step(denoise, x_hat, t_hat, t_next, second_order=(i < num_steps - 1))
