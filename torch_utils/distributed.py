@@ -73,8 +73,10 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 def shutdown() -> None:
-    """Leave the process group cleanly."""
+    """Leave the process group cleanly: all ranks meet first, so that none tears its connections down while a
+    peer is still using them (a 2-process gloo test once saw one rank abort at exit)."""
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 def all_reduce_any(flag: bool, device: torch.device | None = None) -> bool:
