@@ -1,12 +1,12 @@
 """The two numerics the benchmark compares, and the few fast paths the library does not offer yet.
 
 `reference` reproduces the numerics of NVlabs/edm and NVlabs/edm2 run in fp32: TF32 off, einsum
-attention, depthwise-convolution resampling, eager mode, NCHW tensors, a for-loop Adam and a per-parameter EMA loop. `fast` switches
-on everything this project adds for speed: bf16 autocast on CUDA (preconditioning and loss stay in
-fp32 because autocast only lowers matmuls and convolutions), TF32 for what remains in fp32,
-channels-last, SDPA attention, pooling / copying for box-filter resampling, torch.compile of the network module, fused (CUDA) or foreach Adam,
-torch._foreach EMA updates and guidance evaluated as one batched call when the two networks share
-an architecture. `tests/test_fastpaths.py` checks every switch against the reference numerics.
+attention, depthwise-convolution resampling, eager mode, NCHW tensors, a for-loop Adam and a
+per-parameter EMA loop. `fast` switches on everything this project adds for speed: bf16 autocast on
+CUDA (preconditioning and loss stay in fp32 because autocast only lowers matmuls and convolutions),
+TF32 for what remains in fp32, channels-last, SDPA attention, pooling / copying for box-filter
+resampling, torch.compile of the network module, fused (CUDA) or foreach Adam, torch._foreach EMA
+updates and guidance evaluated as one batched call when the two networks share an architecture. `tests/test_fastpaths.py` checks every switch against the reference numerics.
 """
 
 import contextlib

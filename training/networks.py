@@ -284,7 +284,7 @@ class Conv2d(torch.nn.Module):
         w_pad = w.shape[-1] // 2 if w is not None else 0
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
         conv = torch.nn.functional.conv2d
-        box = getattr(self, 'box_filter', False)  # False in modules unpickled from older source
+        box = getattr(self, 'box_filter', False)  # absent from modules saved whole (torch.save) by older versions
 
         def up(x, padding):
             y = box_resample(x, 'up') if box else None
