@@ -13,10 +13,10 @@ run), {edm2_net} and {edm2_gnet} (EDM2-S and EDM2-XS pickles made by one-batch t
 folder) and {ref} (FID reference statistics). Within a group, `ref` marks the reference code's
 fastest path (EDM --fp16=1, EDM2 fp16, one-image-at-a-time encoding), run on the reference code's
 layers (python -m bench.reference_kernels: einsum attention, depthwise-convolution resampling), and
-`fp32` the plain fp32 path; every row of the group reports its img/s as a ratio to both (a group without an fp32 row has no
-second ratio). A row may run another script than its group's (`script`), e.g. the reference's own
-entry point. A row that compiles starts on an empty compile cache, unless `warm_from` names the row
-whose cache it reruns on.
+`fp32` the plain fp32 path; every row of the group reports its img/s as a ratio to both (a group
+without an fp32 row has no second ratio). A row may run another script than its group's (`script`),
+e.g. the reference's own entry point. A row that compiles starts on an empty compile cache, unless
+`warm_from` names the row whose cache it reruns on.
 """
 
 from __future__ import annotations
