@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import functools
@@ -157,6 +158,40 @@ def atomic_write(path: str | os.PathLike, mode: str = 'wb') -> Iterator[io.IOBas
             with contextlib.suppress(OSError):
                 os.remove(tmp)
             raise
+
+class BackgroundWrites:
+    """Runs one batch of writes at a time in a background thread while the caller computes the next batch.
+
+    At most one batch waits for the thread; an error in it is raised by the next submit() or by close().
+    Leaving the `with` block waits for the last batch, also when the loop stopped with an exception.
+    """
+
+    def __init__(self, name: str = 'writer'):
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._pending = None
+
+    def submit(self, fn: Callable, *args) -> None:
+        """Wait for the previous batch (raising its error), then start fn(*args) in the thread."""
+        self.wait()
+        self._pending = self._pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        """Wait for the queued batch; raises its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> BackgroundWrites:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 def remove_stale_temp_files(folder: str | os.PathLike, targets: str = r'.+', min_age_s: float = 0) -> list[str]:
     """Delete the temporary files that interrupted atomic writes of files named like the regex `targets`

@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import dnnlib
 from dataset_tool import cmdline
 from torch_utils import persistence
 from training.dataset import ImageFolderDataset
@@ -146,6 +147,26 @@ def test_encode_decode(tiny_vae, png_dataset, tmp_path):
         outputs.append(np.stack([dec[i][0] for i in range(5)]))
     np.testing.assert_array_equal(outputs[0], outputs[1])
     assert not os.path.exists(str(tmp_path / 'dec1.zip') + '.partial')
+
+def test_encode_writes_in_the_background_and_stops_on_a_failed_write(tiny_vae, png_dataset, tmp_path, monkeypatch):
+    """The latents are written by a background thread while the next batch encodes; a write that fails stops
+    the tool with one line, after the batches already queued, and leaves no dataset.json (a rerun resumes)."""
+    import threading
+    from training import dataset_encode
+    real_write, threads = dataset_encode._write_file_atomic, []
+    def write(path, data):
+        threads.append(threading.current_thread().name)
+        if len(threads) == 3:
+            raise dnnlib.util.WriteError(f'no space left on device while writing {path}')
+        real_write(path, data)
+    monkeypatch.setattr(dataset_encode, '_write_file_atomic', write)
+    latents = tmp_path / 'latents'
+    result = CliRunner().invoke(cmdline, ['encode', '--source', str(png_dataset), '--dest', str(latents), '--model',
+                                          str(tiny_vae), '--batch', '2', '--workers', '0'])
+    assert result.exit_code != 0 and 'no space left on device while writing' in result.output
+    assert len(threads) == 3 and all(name.startswith('dataset-writer') for name in threads)
+    assert not (latents / 'dataset.json').exists() and len(read_folder(latents)) == 2
+
 
 def test_encode_split_over_ranks(tiny_vae, png_dataset, tmp_path, monkeypatch):
     """Each rank encodes every world_size-th image; rank 0 (run last here) checks completeness and packs the zip."""

@@ -183,16 +183,23 @@ def _start(open_src: Callable[[], Source], dest: str, model: str, batch: int, de
     return writer, src, dev, autocast, vae
 
 def _run(src: Source, writer: ResumableWriter, fnames: list[str], read_fn: Callable, compute_fn: Callable,
-         batch: int, workers: int, progress: bool) -> int:
-    """Compute this rank's missing outputs, then (rank 0) finish the dataset; returns the dataset size."""
+         to_bytes: Callable, batch: int, workers: int, progress: bool) -> int:
+    """Compute this rank's missing outputs, then (rank 0) finish the dataset; returns the dataset size.
+    Each batch's outputs are serialized (to_bytes) and written in a background thread while the GPU computes
+    the next batch."""
     from tqdm import tqdm
     from torch_utils import distributed
     rank, world = distributed.get_rank(), distributed.get_world_size()
     todo = [i for i in range(rank, len(src), world) if not writer.exists(fnames[i])]
-    with tqdm(total=len(todo), disable=not progress or rank != 0, unit='img') as bar:  # rank 0's share
+
+    def write_batch(names, outputs):
+        for name, output in zip(names, outputs):
+            writer.write(name, to_bytes(output))
+
+    bar = tqdm(total=len(todo), disable=not progress or rank != 0, unit='img')  # rank 0's share
+    with bar, dnnlib.util.BackgroundWrites('dataset-writer') as writes:
         for idxs, arrays in _batches(src, todo, read_fn, batch, workers):
-            for idx, data in zip(idxs, compute_fn(idxs, arrays)):
-                writer.write(fnames[idx], data)
+            writes.submit(write_batch, [fnames[i] for i in idxs], compute_fn(idxs, arrays))
             bar.update(len(idxs))
     close_handles()
     distributed.barrier()
@@ -233,10 +240,10 @@ def encode_dataset(
         pixels = torch.from_numpy(images).to(dev).permute(0, 3, 1, 2)
         with torch.no_grad(), autocast:
             latents = vae.encode_pixels(pixels)
-        return [_npy_bytes(x) for x in latents.to(torch.float32).cpu().numpy()]
+        return list(latents.to(torch.float32).cpu().numpy())
 
     fnames = [archive_fname(i, prefix='img-mean-std-', ext='npy') for i in range(len(src))]
-    return _run(src, writer, fnames, _read_image_for_vae, compute_fn, batch, workers, progress)
+    return _run(src, writer, fnames, _read_image_for_vae, compute_fn, _npy_bytes, batch, workers, progress)
 
 def latent_noise(seed: int, idx: int, shape: tuple) -> torch.Tensor:
     """Standard normal noise of image `idx`, the same for any batch size, rank count or device."""
@@ -266,9 +273,9 @@ def decode_dataset(
         noise = torch.stack([latent_noise(seed, i, (latents.shape[1] // 2, *latents.shape[2:])) for i in idxs])
         with torch.no_grad(), autocast:
             pixels = vae.decode(vae.encode_latents(latents.to(dev), noise=noise.to(dev)))
-        return [encode_png(x) for x in pixels.permute(0, 2, 3, 1).cpu().numpy()]
+        return list(pixels.permute(0, 2, 3, 1).cpu().numpy())
 
     fnames = [archive_fname(i) for i in range(len(src))]
-    return _run(src, writer, fnames, read_latents, compute_fn, batch, workers, progress)
+    return _run(src, writer, fnames, read_latents, compute_fn, encode_png, batch, workers, progress)
 
 #----------------------------------------------------------------------------

@@ -19,7 +19,6 @@ each seed produces the same image whatever the batch it is drawn in.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import inspect
@@ -752,46 +751,27 @@ def save_png(image: torch.Tensor | np.ndarray | PIL.Image.Image, path: str) -> N
         pil.save(f, format='PNG')
 
 
-class PngWriter:
+class PngWriter(dnnlib.util.BackgroundWrites):
     """Writes each batch's PNGs (atomically, save_png) in one background thread while the next batch is sampled.
 
     The atomic writes of 512 CIFAR-sized images take about 0.3 s (fsync per file), which the GPU spent idle
     between batches: generate.py --fast ran at 197 img/s against 235 for the sampler alone on an H200.
-    At most one batch waits for the thread; an error in it is raised by the next write() or by close().
-    Leaving the `with` block waits for the last batch, also when the loop stopped with an exception.
     """
 
     def __init__(self, outdir: str | None, subdirs: bool = False):
+        super().__init__('png-writer')
         self.outdir, self.subdirs = outdir, subdirs
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='png-writer')
-        self._pending = None
 
     def write(self, seeds: Sequence[int], images) -> None:
         """Queue the PNGs of one batch (CPU uint8 CHW images); no-op without an outdir."""
-        self._wait()
-        if self.outdir is not None and images is not None:
-            self._pending = self._pool.submit(self._write_all, list(seeds), list(images))
+        if self.outdir is None or images is None:
+            self.wait()
+            return
+        self.submit(self._write_all, list(seeds), list(images))
 
     def _write_all(self, seeds: list[int], images: list) -> None:
         for seed, image in zip(seeds, images):
             save_png(image, image_path(self.outdir, seed, self.subdirs))
-
-    def _wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def close(self) -> None:
-        try:
-            self._wait()
-        finally:
-            self._pool.shutdown(wait=True)
-
-    def __enter__(self) -> PngWriter:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
 
 def image_grid(images: torch.Tensor | np.ndarray, grid_w: int | None = None) -> np.ndarray:
