@@ -84,18 +84,22 @@ def test_box_resampling_matches_reference_convolutions_in_bf16_channels_last(mak
     """Pooling / copying (resample 'auto') against cuDNN's depthwise convolutions: bf16 autocast, channels-last,
     outputs and weight gradients, eager and compiled."""
     torch.backends.cudnn.allow_tf32 = False
-    net = make().train().to(memory_format=torch.channels_last)
+    base = make().train().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for gain in [p for p in base.parameters() if p.ndim == 0]:  # EDM2's gains start at 0 (a zero output)
+            gain.fill_(0.5)
     x, sigma, labels = inputs(channels)
     results = {}
     for impl in networks.RESAMPLE_IMPLS:
         torch._dynamo.reset()
+        net = copy.deepcopy(base)  # EDM2's forced weight normalization rewrites the weights in a training forward
         call = torch.compile(net) if compiled else net
         with networks.resample_impl(impl), torch.autocast('cuda', dtype=torch.bfloat16):
             out = call(x.to(memory_format=torch.channels_last), sigma, labels)
             grads = torch.autograd.grad(out.float().square().mean(), list(net.parameters()), allow_unused=True)
         results[impl] = [out] + [g for g in grads if g is not None]
     for a, b in zip(results['auto'], results['reference']):
-        assert rel_err(a, b) < 1e-2
+        assert (a.float() - b.float()).norm() <= 1e-2 * b.float().norm()  # zero gradients compare equal too
 
 
 @torch.no_grad()
