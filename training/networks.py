@@ -284,31 +284,31 @@ class Conv2d(torch.nn.Module):
         w_pad = w.shape[-1] // 2 if w is not None else 0
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
         conv = torch.nn.functional.conv2d
-        box = getattr(self, 'box_filter', False)  # absent from modules saved whole (torch.save) by older versions
-
-        def up(x, padding):
-            y = box_resample(x, 'up') if box else None
-            return y if y is not None else torch.nn.functional.conv_transpose2d(
-                x, f.mul(4).tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2, padding=padding)
-
-        def down(x, padding):
-            y = box_resample(x, 'down') if box else None
-            return y if y is not None else conv(x, f.tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2, padding=padding)
 
         if self.fused_resample and self.up and w is not None:
-            x = conv(up(x, max(f_pad - w_pad, 0)), w, padding=max(w_pad - f_pad, 0))
+            x = conv(self._resample(x, f, 'up', max(f_pad - w_pad, 0)), w, padding=max(w_pad - f_pad, 0))
         elif self.fused_resample and self.down and w is not None:
-            x = down(conv(x, w, padding=w_pad + f_pad), 0)
+            x = self._resample(conv(x, w, padding=w_pad + f_pad), f, 'down', 0)
         else:
             if self.up:
-                x = up(x, f_pad)
+                x = self._resample(x, f, 'up', f_pad)
             if self.down:
-                x = down(x, f_pad)
+                x = self._resample(x, f, 'down', f_pad)
             if w is not None:
                 x = conv(x, w, padding=w_pad)
         if self.bias is not None:
             x = x.add_(self.bias.to(x.dtype).reshape(1, -1, 1, 1))
         return x
+
+    def _resample(self, x: torch.Tensor, f: torch.Tensor, mode: str, padding: int) -> torch.Tensor:
+        # box_filter is absent from modules saved whole (torch.save) by older versions: they convolve.
+        y = box_resample(x, mode) if getattr(self, 'box_filter', False) else None
+        if y is not None:
+            return y
+        if mode == 'up':
+            return torch.nn.functional.conv_transpose2d(x, f.mul(4).tile([x.shape[1], 1, 1, 1]), groups=x.shape[1],
+                                                        stride=2, padding=padding)
+        return torch.nn.functional.conv2d(x, f.tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2, padding=padding)
 
 #----------------------------------------------------------------------------
 

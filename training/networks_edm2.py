@@ -18,10 +18,13 @@ from torch_utils import misc, persistence
 # The reference EDM2 code executes this file's source when it loads our pickles, and it has no other
 # module of this project: so this file only imports torch, numpy and torch_utils at load time.
 try:  # one attention and one resampling switch for the whole project, owned by training.networks
-    from training.networks import box_resample, is_box_filter, use_sdpa
+    from training.networks import _compiling, box_resample, is_box_filter, use_sdpa
 except ImportError:  # running as embedded source inside the reference code: SDPA, convolution resampling
     def use_sdpa(head_channels: int) -> bool:
         return True
+
+    def _compiling() -> bool:
+        return False  # the reference's resample takes its cached constant (const_like) under compile too
 
     def is_box_filter(resample_filter: Sequence[float]) -> bool:
         return False
@@ -80,8 +83,7 @@ def _fir_kernel(f: Sequence[float], x: torch.Tensor) -> torch.Tensor:
     # Eager mode reuses one tensor per filter, dtype and device (misc.const_like, as the reference): building it in
     # every call copied it to the GPU and made the host wait for the device each time. A compiled graph takes the
     # Python floats as a constant.
-    is_compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', None)  # torch >= 2.3; the reference
-    if is_compiling is not None and is_compiling():                                # code may run an older one
+    if _compiling():
         return torch.tensor(_fir_kernel_2d(f), dtype=x.dtype, device=x.device)[None, None]
     return misc.const_like(x, _fir_kernel_2d(f))[None, None]
 
