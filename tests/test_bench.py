@@ -125,6 +125,35 @@ def test_sweep_train_times_each_variant_on_cpu():
     assert abs(sum(profile['groups'].values()) - profile['busy_s']) < 1e-6 and profile['top'][0]['s'] > 0
 
 
+
+def test_sweep_train_runs_edm2_recipe_in_rounds_and_guided_sampler(monkeypatch):
+    """bench/sweep_train.py --net edm2-s: EDM2's loss once per round of --batch-gpu, the power-function EMA, and
+    sampling guided by an EDM2-XS network from float16 (snapshot-like) weights."""
+    import click
+    from bench import sweep_train
+    from training import loss, phema, sampling
+    calls = dict(loss=[], ema=[], sampler=[])
+    edm2_loss, ema_update, edm2_sampler = loss.EDM2Loss.__call__, phema.PowerFunctionEMA.update, sampling.edm2_sampler
+    monkeypatch.setattr(loss.EDM2Loss, '__call__', lambda self, **kw: calls['loss'].append(len(kw['images'])) or edm2_loss(self, **kw))
+    monkeypatch.setattr(phema.PowerFunctionEMA, 'update', lambda self, **kw: calls['ema'].append(kw) or ema_update(self, **kw))
+
+    def sampler(net, noise, labels, gnet=None, **kwargs):
+        sizes = [sum(p.numel() for p in n.parameters()) for n in (gnet, net)]
+        calls['sampler'].append((*sizes, next(net.parameters()).dtype, kwargs))
+        return edm2_sampler(net, noise, labels, gnet=gnet, **kwargs)
+    monkeypatch.setattr(sampling, 'edm2_sampler', sampler)
+    cpu = torch.device('cpu')
+    record = sweep_train.run_one('edm2-s', 'quick', 4, 'fp32', cpu, steps=1, task='train', batch_gpu=2)
+    assert record['batch_gpu'] == 2 and record['images_per_s'] > 0
+    assert calls['loss'] == [2, 2] * 4  # first step, a second one, a warm-up and the timed step: two rounds each
+    assert [c['cur_nimg'] for c in calls['ema']] == [4, 8, 12, 16] and {c['batch_size'] for c in calls['ema']} == {4}
+    with pytest.raises(click.BadParameter, match='multiple of --batch-gpu'):
+        sweep_train.build_step('edm2-s', 'quick', 4, sweep_train.parse_variant('fp32'), cpu, batch_gpu=3)
+    sweep_train.run_one('edm2-s', 'quick', 2, 'fp32', cpu, steps=1, task='sample')
+    guide_size, main_size, dtype, kwargs = calls['sampler'][0]
+    assert guide_size < main_size and dtype == torch.float16  # EDM2-XS guides EDM2-S
+    assert kwargs == dict(num_steps=32, guidance=1.4)
+
 def test_sync_report_counts_each_waiting_call_site_with_its_stack(tmp_path):
     """bench/sync_report.py: every synchronising call counted once per site, with our frames; other warnings pass."""
     script = tmp_path / 'script.py'
