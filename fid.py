@@ -177,7 +177,7 @@ def calc(images, ref_path, num, seed, batch, workers, metrics, detector, dinov2,
 @click.option('--num', help='Number of images to generate', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option('--seed', help='Random seed of the first image', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--batch', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
-@click.option('--precision', 'gen_precision', help='Network precision while generating (bf16 = autocast)', type=click.Choice(['fp32', 'bf16']), default='fp32', show_default=True)
+@click.option('--precision', 'gen_precision', help='Precision of the networks and the VAE decoder while generating (bf16 = autocast)', type=click.Choice(['fp32', 'bf16']), default='fp32', show_default=True)
 @click.option('--compile', 'gen_compile', help='torch.compile the networks while generating', is_flag=True)
 @click.option('--fast', 'gen_fast', help='Generate with bf16 + --compile where the device runs them (docs/performance.md)', is_flag=True)
 @common_options('those in --ref')

@@ -56,7 +56,7 @@ def parse_seeds(ctx, param, value):
 @click.option('--use-ema', 'use_ema',       help='DDPM .pt: EMA weights (ema.shadow) instead of model',          is_flag=True, default=None)
 @click.option('--dataset',                  help='DDPM .pt without config: reference config of the published checkpoint', type=click.Choice(['cifar10', 'celeba', 'celebahq']))
 @click.option('--device',                   help='auto | cuda | cuda:N | cpu | mps  [default: auto]',            type=str)
-@click.option('--precision',                help='Network precision (bf16 = autocast)  [default: fp32]',         type=click.Choice(['fp32', 'bf16']))
+@click.option('--precision',                help='Precision of the networks and the VAE decoder (bf16 = autocast)  [default: fp32]',         type=click.Choice(['fp32', 'bf16']))
 @click.option('--channels-last', 'channels_last', help='Channels-last weights and inputs (slower for DDPM++ on an H200: docs/performance.md)', is_flag=True, default=None)
 @click.option('--compile',                  help='torch.compile the networks', is_flag=True, default=None)
 @click.option('--fast',                     help='Fastest measured set: bf16 + --compile where the device runs them (docs/performance.md)', is_flag=True, default=None)

@@ -263,3 +263,33 @@ def test_png_writer_writes_in_the_background_and_reports_errors(tmp_path, monkey
     with sampling.PngWriter(None) as writer:  # no outdir: nothing written, nothing queued
         writer.write([1], images[:1])
         assert writer._pending is None
+
+
+def test_bf16_feeds_fp16_networks_float32_and_decodes_under_autocast():
+    """--precision bf16: a use_fp16 network (EDM2's pickles) runs from float32 inputs under autocast, through a
+    shallow copy that leaves the caller's network as it was; a guide that is the main net stays that net; the
+    decoder runs under the same autocast, while fp32 keeps the networks as given and decodes without autocast."""
+    net, gnet = tiny_net(label_dim=4), tiny_net(label_dim=4, seed=1)
+    net.use_fp16 = gnet.use_fp16 = True
+    seen = []
+
+    class Decoder:
+        def decode(self, x):
+            seen.append(('decode', torch.is_autocast_enabled('cpu')))
+            return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+    def sampler(net_, noise, labels, gnet=None, randn_like=None, guidance=1):
+        seen.append((net_.use_fp16, gnet.use_fp16, gnet is net_, net_.model is net.model))
+        return noise
+
+    for precision, guide in (('bf16', gnet), ('bf16', net), ('fp32', gnet)):
+        seen.clear()
+        list(sampling.generate_images(net, [0], gnet=guide, sampler=sampler, guidance=2.0, precision=precision,
+                                      encoder=Decoder()))
+        fp32 = precision == 'fp32'
+        assert seen == [(fp32, fp32, guide is net, True), ('decode', not fp32)], (precision, seen)
+        assert net.use_fp16 and gnet.use_fp16
+    copy = sampling.float32_inputs(net)
+    assert copy is not net and not copy.use_fp16 and list(copy.parameters())[0] is list(net.parameters())[0]
+    plain = tiny_net()
+    assert sampling.float32_inputs(plain) is plain and sampling.float32_inputs(None) is None
