@@ -222,3 +222,10 @@ def test_sweep_encode_runs_each_variant_and_keeps_the_latents():
     torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
     record = sweep_encode.run_one('quick', 'bf16+gn', cpu, steps=1, profile=True)
     assert record['images'] == 2 and record['images_per_s'] > 0 and record['profile']['busy_s'] > 0
+    pixels = {text: sweep_encode.build_decode('quick', sweep_encode.parse_variant(text), cpu)[0]()
+              for text in ('fp32', 'fp32+b1+cl', 'bf16+gn+cl')}
+    assert pixels['fp32'].shape == (2, 3, 32, 32) and pixels['fp32'].dtype == torch.uint8
+    assert (pixels['fp32+b1+cl'].int() - pixels['fp32'].int()).abs().max() <= 1
+    assert (pixels['bf16+gn+cl'].float() - pixels['fp32'].float()).abs().mean() < 4
+    record = sweep_encode.run_one('quick', 'bf16', cpu, steps=1, task='decode')
+    assert record['task'] == 'decode' and record['images'] == 2 and record['images_per_s'] > 0
