@@ -108,7 +108,7 @@ def _vae_options(fn):
         click.option('--dest',       help='Output folder or .zip', metavar='PATH', type=str, required=True),
         click.option('--max-images', help='Process at most this many items', metavar='INT', type=click.IntRange(min=0)),
         click.option('--batch',      help='Items per VAE call', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True),
-        click.option('--precision',  help='VAE arithmetic: fp32 without TF32; tf32 = TF32 convolutions, torch\'s default, which the reference runs; bf16/fp16 autocast (CUDA)', type=click.Choice(['fp32', 'tf32', 'bf16', 'fp16']), default='fp32', show_default=True),
+        click.option('--precision',  help='VAE arithmetic: tf32 = TF32 convolutions, torch\'s default, which the reference runs; fp32 without TF32; bf16/fp16 autocast (CUDA)', type=click.Choice(['tf32', 'fp32', 'bf16', 'fp16']), default='tf32', show_default=True),
         click.option('--device',     help='auto, cpu, cuda, cuda:N or mps', metavar='STR', type=str, default='auto', show_default=True),
         click.option('--workers',    help='DataLoader processes reading the input', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True),
     ]

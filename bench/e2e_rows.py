@@ -127,9 +127,9 @@ ROWS = [
     Row('fid-calc',                 'fid',      (), ref=True, fp32=True),
     Row('fid-gen',                  'fid-gen',  (), ref=True, fp32=True),  # generate.py's sampler + Inception, no PNGs
     Row('encode-b1-tf32',           'encode',   ('--batch=1', '--precision=tf32'), ref=True),  # the reference: one image per call, TF32 convolutions
-    Row('encode-b1',                'encode',   ('--batch=1',), fp32=True),
+    Row('encode-b1',                'encode',   ('--batch=1', '--precision=fp32'), fp32=True),
     Row('encode-b32-tf32',          'encode',   ('--batch=32', '--precision=tf32')),
-    Row('encode-b8',                'encode',   ('--batch=8',)),
+    Row('encode-b8',                'encode',   ('--batch=8',)),  # the defaults: 8 per call, TF32 (before 2026-12-05: fp32)
     Row('encode-b32-bf16',          'encode',   ('--batch=32', '--precision=bf16')),
 ]
 

@@ -234,11 +234,16 @@ def test_scripts_end_to_end_on_cuda(tmp_path):
 
 
 def test_encode_precision_sets_tf32_as_the_reference_does():
-    """fp32 turns cuDNN's TF32 off; tf32 keeps torch's default (on), under which the reference encoder runs."""
+    """fp32 turns cuDNN's TF32 off; tf32 (the default) keeps torch's default (on), under which the reference encoder
+    runs; either way cuDNN measures its algorithms (one shape per batch)."""
+    import inspect
     from training import dataset_encode
+    assert inspect.signature(dataset_encode.encode_dataset).parameters['precision'].default == 'tf32'
     for precision, tf32 in (('fp32', False), ('tf32', True)):
+        torch.backends.cudnn.benchmark = False
         dataset_encode._setup('cuda', precision)
         assert torch.backends.cudnn.allow_tf32 == tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.benchmark
 
 
 def test_compiled_training_graph_with_channels_last_layout_matches_eager():

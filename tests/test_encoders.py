@@ -206,3 +206,18 @@ def test_missing_model(png_dataset, tmp_path, monkeypatch):
     assert result.exit_code != 0 and 'no-vae' in result.output and 'not found' in result.output
 
 #----------------------------------------------------------------------------
+
+
+def test_encode_and_decode_default_to_the_reference_tf32_numerics():
+    """dataset_tool.py encode|decode default to --precision=tf32 (torch's default, under which the reference encoder
+    runs on a GPU); off CUDA tf32 is plain fp32, and the bf16 refusal names it."""
+    import inspect
+    import dataset_tool
+    from training import dataset_encode
+    for fn in (dataset_encode.encode_dataset, dataset_encode.decode_dataset):
+        assert inspect.signature(fn).parameters['precision'].default == 'tf32'
+    for command in ('encode', 'decode'):
+        help_text = CliRunner().invoke(dataset_tool.cmdline, [command, '--help']).output
+        assert '[default: tf32]' in ' '.join(help_text.split())
+    with pytest.raises(ValueError, match=r'needs a CUDA device; use --precision=tf32 \(the default\) on cpu'):
+        dataset_encode._setup('cpu', 'bf16')
