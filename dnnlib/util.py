@@ -17,7 +17,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 #----------------------------------------------------------------------------
 # Containers.
@@ -192,6 +192,18 @@ class BackgroundWrites:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+_END = object()
+
+def prefetch(iterable: Iterable, name: str = 'reader') -> Iterator:
+    """The items of `iterable`, each next one made in a background thread while the caller works on the current
+    (one item ahead). An error in making an item is raised where the caller would have met it."""
+    items = iter(iterable)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name) as pool:
+        pending = pool.submit(next, items, _END)
+        while (item := pending.result()) is not _END:
+            pending = pool.submit(next, items, _END)
+            yield item
 
 def remove_stale_temp_files(folder: str | os.PathLike, targets: str = r'.+', min_age_s: float = 0) -> list[str]:
     """Delete the temporary files that interrupted atomic writes of files named like the regex `targets`

@@ -152,3 +152,33 @@ def test_atomic_write_gives_normal_permissions(tmp_path):
     reference = tmp_path / 'plain.txt'
     reference.write_text('x')
     assert (os.stat(path).st_mode & 0o777) == (os.stat(reference).st_mode & 0o777)
+
+
+def test_prefetch_makes_the_next_item_in_a_thread_while_the_caller_works():
+    """dnnlib.util.prefetch: the same items in order, the next one made on another thread while the caller still
+    holds the current one, an error raised to the caller after the items before it, and an early stop."""
+    started = [threading.Event() for _ in range(4)]
+    made = []
+
+    def items(fail_at=None):
+        for i in range(4):
+            started[i].set()
+            if i == fail_at:
+                raise ValueError(f'cannot read item {i}')
+            made.append(threading.current_thread().name)
+            yield i
+    got = []
+    for item in util.prefetch(items(), name='test-reader'):
+        if item < 3:  # the next item is being made while this one is in the caller's hands
+            assert started[item + 1].wait(timeout=10)
+        got.append(item)
+    assert got == [0, 1, 2, 3] and all(name.startswith('test-reader') for name in made)
+    got = []
+    with pytest.raises(ValueError, match='cannot read item 2'):
+        for item in util.prefetch(items(fail_at=2)):
+            got.append(item)
+    assert got == [0, 1]
+    stream = util.prefetch(items())
+    assert next(stream) == 0
+    stream.close()  # waits for the item being made, then stops the thread
+    assert list(util.prefetch([])) == []

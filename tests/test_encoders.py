@@ -168,6 +168,23 @@ def test_encode_writes_in_the_background_and_stops_on_a_failed_write(tiny_vae, p
     assert not (latents / 'dataset.json').exists() and len(read_folder(latents)) == 2
 
 
+def test_encode_reads_in_worker_processes_ahead_and_names_an_unreadable_image(tiny_vae, png_dataset, tmp_path):
+    """With reader processes (--workers 2, the default) the latents are those of a run without them; the batches
+    are gathered in a background thread. An unreadable image stops the tool with one line naming the file, before
+    dataset.json is written."""
+    one = tmp_path / 'one'
+    assert run_tool('encode', '--source', png_dataset, '--dest', one, '--model', tiny_vae, '--batch', 2, '--workers', 0).exit_code == 0
+    two = tmp_path / 'two'
+    assert run_tool('encode', '--source', png_dataset, '--dest', two, '--model', tiny_vae, '--batch', 2).exit_code == 0
+    assert read_folder(two) == read_folder(one)
+    (png_dataset / 'b' / '3.png').write_bytes(b'not a png')
+    result = CliRunner().invoke(cmdline, ['encode', '--source', str(png_dataset), '--dest', str(tmp_path / 'bad'),
+                                          '--model', str(tiny_vae), '--batch', '2'])
+    assert result.exit_code != 0 and not (tmp_path / 'bad' / 'dataset.json').exists()
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith('Error: cannot read') and '3.png' in last and 'Traceback' not in result.output
+
+
 def test_encode_split_over_ranks(tiny_vae, png_dataset, tmp_path, monkeypatch):
     """Each rank encodes every world_size-th image; rank 0 (run last here) checks completeness and packs the zip."""
     from torch_utils import distributed

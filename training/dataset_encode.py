@@ -131,8 +131,8 @@ class _Reader(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> tuple:
         idx = self.indices[k]
-        try:
-            return idx, self.read_fn(self.source.payloads[idx]), None
+        try:  # a tensor: from a worker it travels through shared memory, where an array would be pickled
+            return idx, torch.from_numpy(self.read_fn(self.source.payloads[idx])), None
         except Exception as err:  # reported in the main process with the file name
             return idx, None, f'cannot read {self.source.names(idx)}: {type(err).__name__}: {err}'
 
@@ -141,19 +141,20 @@ def _identity(item):
 
 def _batches(source: Source, indices: list[int], read_fn: Callable, batch: int, workers: int) -> Iterator[tuple]:
     """(indices, stacked arrays) of up to `batch` consecutive items of one shape."""
+    ahead = dict(prefetch_factor=-(-2 * batch // workers)) if workers > 0 else {}  # two batches ready
     loader = torch.utils.data.DataLoader(_Reader(source, indices, read_fn), batch_size=None, shuffle=False,
-                                         num_workers=workers, collate_fn=_identity)
+                                         num_workers=workers, collate_fn=_identity, **ahead)
     idxs, arrays = [], []
     for idx, array, error in loader:
         if error is not None:
             raise ValueError(error)
         if arrays and (len(arrays) == batch or array.shape != arrays[0].shape):
-            yield idxs, np.stack(arrays)
+            yield idxs, torch.stack(arrays).numpy()
             idxs, arrays = [], []
         idxs.append(idx)
         arrays.append(array)
     if arrays:
-        yield idxs, np.stack(arrays)
+        yield idxs, torch.stack(arrays).numpy()
 
 def _setup(device: str, precision: str) -> tuple[torch.device, contextlib.AbstractContextManager]:
     """Device of this rank (joining torchrun's process group) and the autocast context."""
@@ -188,8 +189,8 @@ def _start(open_src: Callable[[], Source], dest: str, model: str, batch: int, de
 def _run(src: Source, writer: ResumableWriter, fnames: list[str], read_fn: Callable, compute_fn: Callable,
          to_bytes: Callable, batch: int, workers: int, progress: bool) -> int:
     """Compute this rank's missing outputs, then (rank 0) finish the dataset; returns the dataset size.
-    Each batch's outputs are serialized (to_bytes) and written in a background thread while the GPU computes
-    the next batch."""
+    While the GPU computes a batch, one background thread gathers the next one from the DataLoader and another
+    serializes (to_bytes) and writes the previous one's outputs."""
     from tqdm import tqdm
     from torch_utils import distributed
     rank, world = distributed.get_rank(), distributed.get_world_size()
@@ -201,7 +202,7 @@ def _run(src: Source, writer: ResumableWriter, fnames: list[str], read_fn: Calla
 
     bar = tqdm(total=len(todo), disable=not progress or rank != 0, unit='img')  # rank 0's share
     with bar, dnnlib.util.BackgroundWrites('dataset-writer') as writes:
-        for idxs, arrays in _batches(src, todo, read_fn, batch, workers):
+        for idxs, arrays in dnnlib.util.prefetch(_batches(src, todo, read_fn, batch, workers), 'dataset-reader'):
             writes.submit(write_batch, [fnames[i] for i in idxs], compute_fn(idxs, arrays))
             bar.update(len(idxs))
     close_handles()
