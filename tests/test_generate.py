@@ -291,5 +291,6 @@ def test_bf16_feeds_fp16_networks_float32_and_decodes_under_autocast():
         assert net.use_fp16 and gnet.use_fp16
     copy = sampling.float32_inputs(net)
     assert copy is not net and not copy.use_fp16 and list(copy.parameters())[0] is list(net.parameters())[0]
+    assert type(copy) is type(net) and copy.model is net.model  # our class, not one rebuilt from pickled source
     plain = tiny_net()
     assert sampling.float32_inputs(plain) is plain and sampling.float32_inputs(None) is None
