@@ -56,58 +56,45 @@ def group_norm_in_input_dtype(vae: torch.nn.Module) -> int:
     return len(norms)
 
 
-def _prepared_encoder(size: str, variant: dict, device: torch.device, batch_size: int, part: str):
-    """StabilityVAEEncoder around a random-weight VAE with the variant's switches, and the backend flags set."""
-    encoder = cases._vae_encoder(size, None, batch_size, device)
+def _vae_call(size: str, variant: dict, device: torch.device, part: str, inputs: torch.Tensor, batch_size: int):
+    """A closure running StabilityVAEEncoder's `part` ('encoder': encode_pixels, 'decoder': decode) on `inputs`, with
+    a random-weight VAE, the variant's switches and backend flags, `batch_size` items per VAE call (b1: one)."""
+    encoder = cases._vae_encoder(size, None, 1 if variant['b1'] else batch_size, device)
     vae = encoder._vae
     if variant['gn']:
         group_norm_in_input_dtype(vae)
     if variant['cl']:
         vae.to(memory_format=torch.channels_last)
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
     if variant['compile']:
         setattr(vae, part, torch.compile(getattr(vae, part), dynamic=False))
     if device.type == 'cuda':  # as dataset_tool.py sets them, except autotune
         torch.backends.cudnn.allow_tf32 = variant['precision'] == 'tf32'
         torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.benchmark = variant['autotune']
-    return encoder
-
-
-def _autocast(variant: dict, device: torch.device):
+    call = encoder.encode_pixels if part == 'encoder' else encoder.decode
     bf16 = variant['precision'] == 'bf16'
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    def run():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            return call(inputs)
+    return run, len(inputs)
 
 
 def build_encode(size: str, variant: dict, device: torch.device):
-    """A closure encoding configs.ENCODE_IMAGES[size] random images with StabilityVAEEncoder under the variant."""
+    """A closure encoding configs.ENCODE_IMAGES[size] random images, the whole batch in one call (b1: one each)."""
     images = cases.encode_images(size, device)
-    count = len(images)
-    encoder = _prepared_encoder(size, variant, device, 1 if variant['b1'] else count, 'encoder')
-    if variant['cl']:
-        images = images.contiguous(memory_format=torch.channels_last)
-
-    def run():
-        with torch.no_grad(), _autocast(variant, device):
-            return encoder.encode_pixels(images)
-    return run, count
+    return _vae_call(size, variant, device, 'encoder', images, len(images))
 
 
 DECODE_BATCH = 8  # StabilityVAEEncoder's default batch_size, with which generate.py decodes
 
 
 def build_decode(size: str, variant: dict, device: torch.device):
-    """A closure decoding whitened latents of configs.ENCODE_IMAGES[size] images to uint8 pixels under the variant."""
+    """A closure decoding whitened latents of configs.ENCODE_IMAGES[size] images to uint8 pixels, 8 per VAE call."""
     count, resolution = configs.ENCODE_IMAGES[size]
     latents = torch.randn([count, 4, resolution // 8, resolution // 8], generator=torch.Generator().manual_seed(5)) * 0.5
-    latents = latents.to(device)
-    encoder = _prepared_encoder(size, variant, device, 1 if variant['b1'] else DECODE_BATCH, 'decoder')
-    if variant['cl']:
-        latents = latents.contiguous(memory_format=torch.channels_last)
-
-    def run():
-        with torch.no_grad(), _autocast(variant, device):
-            return encoder.decode(latents)
-    return run, count
+    return _vae_call(size, variant, device, 'decoder', latents.to(device), DECODE_BATCH)
 
 
 def run_one(size: str, text: str, device: torch.device, steps: int, profile: bool = False, task: str = 'encode') -> dict:
