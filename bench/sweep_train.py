@@ -13,7 +13,8 @@ cleaning, the power-function EMA; `--batch-gpu` splits a step into rounds of gra
 EDM2's 32-step sampler from snapshot-like networks (float16 weights), guided by an EDM2-XS network at weight 1.4.
 
 A variant is '+'-joined switches: a precision (fp32, fp16 = the reference fp16 path, bf16 = autocast with
-bf16 group norm (EDM2: float32 inputs and autocast, as train.py --bf16=1 and generate.py --precision=bf16), bf16gn32 = autocast with float32 group norm), then any of cl (channels-last weights),
+bf16 group norm; EDM2: float32 inputs and autocast, as train.py --bf16=1 and generate.py --precision=bf16;
+bf16gn32 = autocast with float32 group norm), then any of cl (channels-last weights),
 blocks / full (torch.compile per block / whole network), foreach (Adam), einsum (reference attention) or sdpa
 (SDPA for every head; without either, attention 'auto' as train.py runs it: SDPA up to 128 channels per head, the
 einsum with float32 logits above; until session 29 the default was sdpa), convresample (box-filter resampling
@@ -169,9 +170,9 @@ def run_one(net_name, size, batch, text, device, steps, task='train', profile=Fa
             step()
             result = timing.time_call(step, device, warmup=1, reps=steps)
             extra = dict(profile=kernels.profile(step, device)) if profile else {}
-    return dict(task=task, variant=text, net=net_name, size=size, batch=batch, batch_gpu=batch_gpu or batch, first_step_s=round(first_s, 2),
-                step_s=result['median_s'], images_per_s=batch / result['median_s'], peak_mem_mb=mem.get('peak_mem_mb'),
-                times_s=result['times_s'], **extra)
+    return dict(task=task, variant=text, net=net_name, size=size, batch=batch, batch_gpu=batch_gpu or batch,
+                first_step_s=round(first_s, 2), step_s=result['median_s'], images_per_s=batch / result['median_s'],
+                peak_mem_mb=mem.get('peak_mem_mb'), times_s=result['times_s'], **extra)
 
 
 @contextlib.contextmanager
@@ -189,7 +190,8 @@ def _patched(module, name, value):
 @click.option('--task', default='train', show_default=True, type=click.Choice(['train', 'sample']))
 @click.option('--size', default='full', show_default=True, type=click.Choice(['full', 'tiny', 'quick']))
 @click.option('--batch', default=512, show_default=True, type=click.IntRange(min=1))
-@click.option('--batch-gpu', type=click.IntRange(min=1), help='Images per round of a training step (gradient accumulation)  [default: --batch]')
+@click.option('--batch-gpu', type=click.IntRange(min=1),
+              help='Images per round of a training step (gradient accumulation)  [default: --batch]')
 @click.option('--variants', required=True, help='Comma list of variants (module docstring)')
 @click.option('--steps', default=10, show_default=True, type=click.IntRange(min=1), help='Timed steps per variant')
 @click.option('--device', default='auto', show_default=True)
