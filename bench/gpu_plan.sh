@@ -68,8 +68,8 @@ for module, dist in need.items():
         print('unpacked', dist, file=sys.stderr)
 PY
     export PYTHONPATH=/tmp/pylib
-    sweep decode 90 bench.sweep_encode --task=decode --variants=tf32,bf16,bf16+cl
-    sweep encode 150 bench.sweep_encode --variants=tf32+b1,tf32,bf16,bf16+cl,bf16+gn+cl
+    sweep vae-decode 90 bench.sweep_encode --task=decode --variants=tf32,bf16,bf16+cl
+    sweep vae-encode 150 bench.sweep_encode --variants=tf32+b1,tf32,bf16,bf16+cl,bf16+gn+cl
     e2e encode-b1-tf32,encode-b8,encode-b32-bf16 encode 200
     ;;
 call4)  # box-filter resampling (pooling) against the reference's depthwise convolutions, compiled, train and sample
