@@ -294,3 +294,26 @@ def test_bf16_feeds_fp16_networks_float32_and_decodes_under_autocast():
     assert type(copy) is type(net) and copy.model is net.model  # our class, not one rebuilt from pickled source
     plain = tiny_net()
     assert sampling.float32_inputs(plain) is plain and sampling.float32_inputs(None) is None
+
+
+def test_sampling_derives_edm2_weights_once_per_batch(monkeypatch):
+    """generate_images samples each batch inside networks.frozen_weights(): an EDM2 network derives each layer's
+    normalized weight once per batch instead of in each of its calls, with the same images; the reference weights
+    (networks.reference_kernels(), as the e2e reference rows run) derive them in every call."""
+    from training import networks, networks_edm2
+    torch.manual_seed(0)
+    net = networks_edm2.Precond(img_resolution=8, img_channels=3, label_dim=0, model_channels=16, channel_mult=[1, 2],
+                                num_blocks=1, attn_resolutions=[4], channels_per_head=8).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    calls = []
+    weight = networks_edm2.MPConv._weight
+    monkeypatch.setattr(networks_edm2.MPConv, '_weight', lambda self, *args: calls.append(self) or weight(self, *args))
+    frozen = _images(net, sampler='edm2')  # 3 images in one batch, 4 steps: 7 network calls
+    layers, frozen_calls = len(set(calls)), len(calls)
+    calls.clear()
+    with networks.reference_kernels():
+        reference = _images(net, sampler='edm2')
+    assert frozen_calls == layers and len(calls) == 7 * layers
+    assert torch.equal(frozen, reference) and frozen.float().std() > 1

@@ -274,6 +274,10 @@ def test_our_pickled_source_runs_under_a_torch_without_compiler_is_compiling(mon
     x = torch.randn(2, 4, 8, 8)
     assert edm2['resample'](x, [1, 1], 'down').shape == (2, 4, 4, 4)
     assert edm2['resample'](x, [1, 3, 3, 1], 'up').shape == (2, 4, 16, 16)
+    conv, ours = edm2['MPConv'](4, 4, [3, 3]).eval(), networks_edm2.MPConv(4, 4, [3, 3]).eval()
+    ours.load_state_dict(conv.state_dict())
+    with torch.no_grad():
+        assert torch.equal(conv(x), ours(x))  # its weight derived in every call, as the reference
 
 
 def test_resample_and_reference_kernel_switches():
@@ -281,7 +285,9 @@ def test_resample_and_reference_kernel_switches():
         networks.set_resample_impl('pool')
     with networks.reference_kernels():
         assert (networks.get_attention_impl(), networks.get_resample_impl()) == ('reference', 'reference')
+        assert networks._backend['weights'] == 'reference'  # EDM2's weights derived in every call
     assert (networks.get_attention_impl(), networks.get_resample_impl()) == ('auto', 'auto')
+    assert networks._backend['weights'] == 'auto'
     assert networks.is_box_filter([1, 1]) and networks.is_box_filter((2.0, 2)) and not networks.is_box_filter([1, 2])
     assert not networks.is_box_filter([1, 3, 3, 1])
 

@@ -286,3 +286,62 @@ def test_config_networks_pickle_safely(tmp_path):
         loaded = persistence.load_pickle(tmp_path / f'{config}.pkl')['ema']
         with torch.no_grad():
             torch.testing.assert_close(loaded.eval()(x, sigma, labels), net(x, sigma, labels), rtol=0, atol=0)
+
+
+def test_frozen_weights_derive_each_weight_once_with_the_same_outputs(monkeypatch):
+    """networks.frozen_weights() (generate.py's sampling): in eval mode each MPConv derives its weight once and
+    reuses it, bit for bit the same outputs; a parameter or gain changed in place is seen; training, 'reference'
+    weights, vmap's batched parameters and torch.compile derive it in every call; the block leaves no cache."""
+    torch.manual_seed(0)
+    net = perturb_(tiny_precond()).eval()
+    x, sigma, labels = tiny_inputs()
+    calls = []
+    weight = MPConv._weight
+    monkeypatch.setattr(MPConv, '_weight', lambda self, *args: calls.append(self) or weight(self, *args))
+    with torch.no_grad():
+        expected = [net(x, sigma, labels), net(x * 2, sigma, labels)]
+        used = len(set(calls))  # the layers of a forward (logvar_linear only with return_logvar)
+        assert used > 10 and len(calls) == 2 * used
+        calls.clear()
+        with networks.frozen_weights():
+            got = [net(x, sigma, labels), net(x * 2, sigma, labels)]
+            assert len(calls) == used  # once per layer, not per call
+            assert all(torch.equal(a, b) for a, b in zip(got, expected))
+            net.unet.out_gain.add_(0.5)  # a gain (a tensor input of MPConv) changed in place
+            layer = net.unet.enc['8x8_block0'].conv_res0
+            layer.weight.mul_(-1)  # a parameter changed in place
+            calls.clear()
+            changed = net(x, sigma, labels)
+            assert set(calls) == {net.unet.out_conv, layer}
+        assert not networks._frozen['weights'] and not torch.equal(changed, expected[0])
+        assert torch.equal(changed, net(x, sigma, labels))
+        with networks.frozen_weights():
+            with networks.frozen_weights():
+                calls.clear()
+                net(x, sigma, labels)
+            assert networks._frozen['weights']  # kept until the outermost block ends
+            net(x, sigma, labels)
+            assert len(calls) == used
+        with networks.reference_kernels(), networks.frozen_weights():
+            calls.clear()
+            net(x, sigma, labels), net(x, sigma, labels)
+            assert len(calls) == 2 * used  # as the reference: in every call
+        net.train()
+        with networks.frozen_weights():
+            calls.clear()
+            net(x, sigma, labels), net(x, sigma, labels)
+            assert len(calls) == 2 * used  # training: the forced normalization changes the weights every call
+        net.eval()
+        stacked = {k: torch.stack([v, v]) for k, v in net.named_parameters()}
+        with networks.frozen_weights():
+            out = torch.func.vmap(lambda p: torch.func.functional_call(net, p, (x, sigma, labels)))(stacked)
+        torch.testing.assert_close(out[0], net(x, sigma, labels), rtol=RTOL, atol=ATOL)
+        from torch._dynamo.testing import CompileCounter
+        monkeypatch.setattr(MPConv, '_weight', weight)  # the counting one would be traced, and its list guarded
+        counter = CompileCounter()
+        torch._dynamo.reset()
+        compiled = torch.compile(net, fullgraph=True, backend=counter)
+        for _ in range(2):  # a new block per batch, as generate.py: no recompilation
+            with networks.frozen_weights():
+                compiled(x, sigma, labels)
+        assert counter.frame_count == 1

@@ -64,10 +64,16 @@ def check_batch(name: str, tensor, batch_size: int) -> None:
 # them as average pooling and nearest upsampling where BOX_RESAMPLE_MODES says so, 'reference' keeps the
 # convolutions. Other filters always take the convolutions.
 
+#
+# Weights: EDM2's layers derive their weights from their parameters in every call (normalization, gain, cast).
+# Inside frozen_weights(), where the caller keeps the parameters as they are (sampling), 'auto' derives them once
+# per layer and reuses them in eval mode; 'reference' derives them in every call.
+
 ATTENTION_IMPLS = ('auto', 'sdpa', 'reference')
 RESAMPLE_IMPLS = ('auto', 'reference')
-_IMPLS = {'attention': ATTENTION_IMPLS, 'resample': RESAMPLE_IMPLS}
-_backend = {'attention': 'auto', 'resample': 'auto'}
+WEIGHTS_IMPLS = ('auto', 'reference')
+_IMPLS = {'attention': ATTENTION_IMPLS, 'resample': RESAMPLE_IMPLS, 'weights': WEIGHTS_IMPLS}
+_backend = {'attention': 'auto', 'resample': 'auto', 'weights': 'auto'}
 SDPA_MAX_HEAD_CHANNELS = 128
 # Where 'auto' pools or copies, per device type. CUDA: cuDNN's depthwise kernels took 0.8 ms a call at DDPM++'s
 # 32x32 level, batch 512 (6% of a training step, 10% of sampling, H200 profiles of sessions 27-28). CPU (2 cores,
@@ -124,9 +130,49 @@ def resample_impl(impl: str) -> contextlib.AbstractContextManager:
 
 @contextlib.contextmanager
 def reference_kernels() -> Iterator[None]:
-    """Context manager that runs the reference code's kernels: einsum attention and convolution resampling."""
-    with attention_impl('reference'), resample_impl('reference'):
+    """Context manager that runs the reference code's kernels: einsum attention, convolution resampling, and
+    weights derived in every call."""
+    with attention_impl('reference'), resample_impl('reference'), _backend_scope('weights', 'reference'):
         yield
+
+
+_frozen = {'depth': 0, 'weights': {}}  # frozen_weights(): how deep, and each layer's (key, derived weight)
+
+
+@contextlib.contextmanager
+def frozen_weights() -> Iterator[None]:
+    """Context manager for sampling: the caller keeps every parameter as it is inside. Layers in eval mode then
+    derive their weights (EDM2's normalized, scaled and cast weights) once and reuse them, with the same numbers.
+    A parameter or gain changed in place, moved or replaced is seen, and its weight derived again."""
+    _frozen['depth'] += 1
+    try:
+        yield
+    finally:
+        _frozen['depth'] -= 1
+        if _frozen['depth'] == 0:
+            _frozen['weights'].clear()
+
+
+def _version_key(value):
+    if isinstance(value, torch.Tensor):
+        return id(value), value._version, value.data_ptr(), value.device, value.dtype
+    return value
+
+
+def derived_weight(layer: torch.nn.Module, make, *inputs):
+    """The weight `make()` derives from `layer`'s own parameters and `inputs` (dtypes, gains): computed once and
+    reused inside frozen_weights() in eval mode, with 'auto' weights, outside torch.compile (whose graph derives it
+    in its fused kernels); computed in every call otherwise."""
+    if _compiling() or not _frozen['depth'] or layer.training or _backend['weights'] != 'auto':
+        return make()
+    try:
+        key = tuple(_version_key(value) for value in (*layer.parameters(recurse=False), *inputs))
+    except RuntimeError:  # parameters without storage (vmap's batched copies, as in BatchedGuidance): no key
+        return make()
+    entry = _frozen['weights'].get(id(layer))
+    if entry is None or entry[0] != key:
+        entry = _frozen['weights'][id(layer)] = (key, make())
+    return entry[1]
 
 
 def is_box_filter(resample_filter: Sequence[float]) -> bool:

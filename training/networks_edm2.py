@@ -17,11 +17,14 @@ from torch_utils import misc, persistence
 
 # The reference EDM2 code executes this file's source when it loads our pickles, and it has no other
 # module of this project: so this file only imports torch, numpy and torch_utils at load time.
-try:  # one attention and one resampling switch for the whole project, owned by training.networks
-    from training.networks import _compiling, box_resample, is_box_filter, use_sdpa
+try:  # one attention, resampling and weights switch for the whole project, owned by training.networks
+    from training.networks import _compiling, box_resample, derived_weight, is_box_filter, use_sdpa
 except ImportError:  # running as embedded source inside the reference code: SDPA, convolution resampling
     def use_sdpa(head_channels: int) -> bool:
         return True
+
+    def derived_weight(layer, make, *inputs):
+        return make()  # in every call, as the reference
 
     def _compiling() -> bool:
         return False  # the reference's resample takes its cached constant (const_like) under compile too
@@ -156,17 +159,20 @@ class MPConv(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
 
     def forward(self, x: torch.Tensor, gain=1) -> torch.Tensor:
+        w = derived_weight(self, lambda: self._weight(x.dtype, gain), x.dtype, gain)  # sampling: derived once
+        if w.ndim == 2:
+            return x @ w.t()
+        return torch.nn.functional.conv2d(x, w, padding=(w.shape[-1] // 2,))
+
+    def _weight(self, dtype: torch.dtype, gain) -> torch.Tensor:
         w = self.weight.to(torch.float32)
         if self.training and self.forced:
             # Forced: the stored weight itself stays at unit norm. Writing through a detached alias
             # (not `with no_grad(): weight.copy_()`) because inductor drops the latter (torch 2.13).
             self.weight.detach().copy_(normalize(w.detach()))
         w = normalize(w)  # and the gradient sees a normalized weight (standard weight normalization)
-        w = w * (gain / math.sqrt(w[0].numel()))  # unit fan-in variance
-        w = w.to(x.dtype)
-        if w.ndim == 2:
-            return x @ w.t()
-        return torch.nn.functional.conv2d(x, w, padding=(w.shape[-1] // 2,))
+        w = w * (gain / math.sqrt(w.numel() // w.shape[0]))  # unit fan-in variance
+        return w.to(dtype)
 
 #----------------------------------------------------------------------------
 # Ablation configs of EDM2 Table 1 (network part; see docs/edm2-configs.md). Each config adds one

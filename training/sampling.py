@@ -32,6 +32,7 @@ import PIL.Image
 import torch
 
 import dnnlib
+from training import networks
 
 #----------------------------------------------------------------------------
 # Random numbers: one generator per image.
@@ -678,7 +679,8 @@ def generate_images(
                 labels[:, :] = 0
                 labels[:, class_idx] = 1
         with torch.no_grad(), autocast():  # bf16: the VAE decoder too (2.5 TFLOP per 512x512 image)
-            x = sampler_fn(net, noise, labels, gnet=gnet, randn_like=rnd.randn_like, **sampler_kwargs)
+            with networks.frozen_weights():  # EDM2's normalized weights derived once per batch, not per call
+                x = sampler_fn(net, noise, labels, gnet=gnet, randn_like=rnd.randn_like, **sampler_kwargs)
             images = decode_images(x, encoder)
         return images, (labels.cpu() if labels is not None else None), noise
 
