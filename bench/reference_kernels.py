@@ -1,5 +1,5 @@
-"""Run one of our scripts on the reference code's kernels: einsum attention and resampling by depthwise
-convolutions (training.networks.reference_kernels), whatever the flags.
+"""Run one of our scripts on the reference code's kernels: einsum attention, resampling by depthwise
+convolutions and EDM2 weights derived in every call (training.networks.reference_kernels), whatever the flags.
 
     python -m bench.reference_kernels train.py --fp16=1 ...
 
@@ -16,9 +16,8 @@ from training import networks
 def main() -> None:
     if len(sys.argv) < 2:
         sys.exit('usage: python -m bench.reference_kernels SCRIPT.py [ARGS...]')
-    networks.set_attention_impl('reference')
-    networks.set_resample_impl('reference')
-    run_script(sys.argv[1], sys.argv[2:])
+    with networks.reference_kernels():
+        run_script(sys.argv[1], sys.argv[2:])
 
 
 if __name__ == '__main__':

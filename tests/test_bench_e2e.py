@@ -266,10 +266,11 @@ def test_reference_kernels_wrapper_runs_the_script_on_the_reference_layers(tmp_p
     and convolution resampling."""
     script = tmp_path / 'script.py'
     script.write_text('import sys\nfrom training import networks\n'
-                      'print(__name__, sys.argv[1:], networks.get_attention_impl(), networks.get_resample_impl())\n')
+                      'print(__name__, sys.argv[1:], networks.get_attention_impl(), networks.get_resample_impl(),\n'
+                      '      networks._backend["weights"])\n')
     proc = subprocess.run([sys.executable, '-m', 'bench.reference_kernels', str(script), '--x=1'],
                           cwd=ROOT, capture_output=True, text=True, check=True)
-    assert proc.stdout.split() == ['__main__', "['--x=1']", 'reference', 'reference']
+    assert proc.stdout.split() == ['__main__', "['--x=1']", 'reference', 'reference', 'reference']
     proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, check=True,
                           env=dict(os.environ, PYTHONPATH=ROOT))
-    assert proc.stdout.split()[-2:] == ['auto', 'auto']  # our layers without the wrapper
+    assert proc.stdout.split()[-3:] == ['auto', 'auto', 'auto']  # our layers without the wrapper
