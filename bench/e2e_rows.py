@@ -122,6 +122,7 @@ ROWS = [
     Row('gen-fast',                 'generate', ('--fast',)),
     Row('gen-fast-rerun',           'generate', ('--fast',), warm_from='gen-fast'),  # the same command again, on inductor's cache
     Row('edm2-gen-ref',             'edm2-gen', (), ref=True, script='generate_images.py'),  # EDM2's own script: fp16 pickles, no compile
+    Row('edm2-gen-ours',            'edm2-gen', ()),  # generate.py with the same options: the pickles' fp16, our layers, eager
     Row('edm2-gen-fast',            'edm2-gen', ('--fast',)),
     Row('edm2-gen-fast-batched',    'edm2-gen', ('--fast', '--batched-guidance')),
     Row('fid-calc',                 'fid',      (), ref=True, fp32=True),

@@ -1,16 +1,17 @@
 #!/bin/bash
-# The next H200 measurements of issue 24, as four device calls (docs/performance.md, "Session 31").
+# The next H200 measurements of issue 24, as five device calls (docs/performance.md, "Session 31"), in order of
+# what they decide; the five together need more than one session's 30 minutes of device time.
 #
 #   bash bench/gpu_plan.sh call1            # on the device, in the repository root; results go to $OUT
 #   OUT=/tmp/plan DEVICE=cpu bash bench/gpu_plan.sh call2   # a dry run on a CPU: tiny sizes, a few steps
 #
 # Each call fits one `run` (10 minutes) on a fresh machine and writes at most 8 files to $OUT: the JSON and markdown
-# of each benchmark and diag.err, which stamps the seconds at which each part started. call3 needs diffusers: run it
-# with carry ["gpuwheels"] (the wheels of diffusers and its dependencies for the device's Python), unpacked below.
-# Expected time on an H200, from sessions 27-28: call1 about 410 s, call2 about 500 s, call3 about 300 s, call4
-# about 460 s; each part has its own timeout so that a slow one fails alone.
+# of each benchmark and diag.err, which stamps the seconds at which each part started. call3 and call5 need diffusers:
+# run them with carry ["gpuwheels"] (the wheels of diffusers and its dependencies for the device's Python), unpacked
+# below. Expected time on an H200, from sessions 27-28: call1 about 410 s, call2 about 550 s, call3 about 300 s,
+# call4 about 460 s, call5 about 500 s; each part has its own timeout so that a slow one fails alone.
 set -u
-CALL=${1:?usage: bash bench/gpu_plan.sh call1|call2|call3|call4}
+CALL=${1:?usage: bash bench/gpu_plan.sh call1|call2|call3|call4|call5}
 OUT=${OUT:?set OUT to the folder for the results}
 DEVICE=${DEVICE:-cuda}
 export PYTHONUNBUFFERED=1
@@ -40,17 +41,7 @@ sweep() {  # sweep NAME TIMEOUT MODULE ARGS...: one JSON line per variant, appen
         > /dev/null 2>> "$OUT/diag.err"
 }
 
-case "$CALL" in
-call1)  # DDPM++ targets end to end: train.py --fast against --fp16=1 (2,600 img/s, 1.6x), generate.py --fast (240)
-    e2e train-fp16,train-fast train 280
-    e2e gen-fp32,gen-fast gen 200
-    ;;
-call2)  # EDM2-S: the training step in rounds of 32 (880 img/s) and guided sampling (2x the reference's fp16)
-    sweep edm2-train 330 bench.sweep_train --net=edm2-s $EDM2_TRAIN --variants=fp16,bf16+full --steps=$STEPS
-    sweep edm2-sample 240 bench.sweep_train --net=edm2-s --task=sample $EDM2_SAMPLE --variants=fp16,bf16+full \
-        --steps=$STEPS
-    ;;
-call3)  # the VAE: decoder (generate.py's fp32 = tf32 against --precision=bf16), encoder switches, encode end to end
+wheels() {  # diffusers and its dependencies from the carried gpuwheels/, unpacked where the device's Python lacks them
     stamp wheels
     python - >> "$OUT/diag.err" 2>&1 <<'PY'
 import glob, importlib.util, os, sys, zipfile
@@ -68,6 +59,19 @@ for module, dist in need.items():
         print('unpacked', dist, file=sys.stderr)
 PY
     export PYTHONPATH=/tmp/pylib
+}
+
+case "$CALL" in
+call1)  # DDPM++ targets end to end: train.py --fast against --fp16=1 (2,600 img/s, 1.6x), generate.py --fast (240)
+    e2e train-fp16,train-fast train 280
+    e2e gen-fp32,gen-fast gen 200
+    ;;
+call2)  # EDM2-S: the training step in rounds of 32 (880 img/s), the reference's fp16 against ours compiled
+    sweep edm2-train 320 bench.sweep_train --net=edm2-s $EDM2_TRAIN --variants=fp16,bf16+full --steps=$STEPS
+    sweep edm2-train-nhwc 230 bench.sweep_train --net=edm2-s $EDM2_TRAIN --variants=bf16+full+nhwc --steps=$STEPS
+    ;;
+call3)  # the VAE: decoder (generate.py's fp32 = tf32 against --precision=bf16), encoder switches, encode end to end
+    wheels
     sweep vae-decode 90 bench.sweep_encode --task=decode --variants=tf32,bf16,bf16+cl
     sweep vae-encode 150 bench.sweep_encode --variants=tf32+b1,tf32,bf16,bf16+cl,bf16+gn+cl
     e2e encode-b1-tf32,encode-b8,encode-b32-bf16 encode 200
@@ -78,8 +82,14 @@ call4)  # box-filter resampling (pooling) against the reference's depthwise conv
     sweep resample-sample 240 bench.sweep_train --task=sample --batch=$BATCH --variants=bf16+full,bf16+full+convresample \
         --steps=$STEPS
     ;;
+call5)  # EDM2-S guided by XS (2x the reference): the sampler alone, then generate.py end to end with the VAE decoder
+    sweep edm2-sample 240 bench.sweep_train --net=edm2-s --task=sample $EDM2_SAMPLE --variants=fp16,bf16+full \
+        --steps=$STEPS
+    wheels
+    e2e edm2-gen-ref,edm2-gen-ours,edm2-gen-fast edm2-gen 320
+    ;;
 *)
-    echo "unknown call $CALL: call1, call2, call3 or call4" >&2
+    echo "unknown call $CALL: call1 ... call5" >&2
     exit 2
     ;;
 esac

@@ -53,17 +53,19 @@ def test_tiny_cpu_edm2_guided_rows_end_to_end(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     records = json.loads(out.read_text())['results']
-    assert [r['row'] for r in records] == ['edm2-gen-ref', 'edm2-gen-fast', 'edm2-gen-fast-batched']
+    assert [r['row'] for r in records] == ['edm2-gen-ref', 'edm2-gen-ours', 'edm2-gen-fast', 'edm2-gen-fast-batched']
     for record in records:
         assert record['ok'] and 'error' not in record, record
         assert record['images_per_s'] > 0 and record['images'] == 8 and record['batch'] == 4
         assert record['vs_ref'] > 0 and record['vs_fp32'] is None  # the group has no fp32 row
-    ref, fast, batched = records
+    ref, ours, fast, batched = records
     assert ref['vs_ref'] == 1.0 and ref['script'] == 'generate_images.py' and 'compile_cache' not in ref
+    assert ours['command'].startswith('python generate.py --net=') and 'compile_cache' not in ours
     assert ref['command'].startswith('python -m bench.reference_kernels generate_images.py --net=')
     assert fast['command'].startswith(f'TORCHINDUCTOR_CACHE_DIR={work}/compile-cache/edm2-gen-fast python generate.py --net=')
     same = ' --guidance=1.4 --outdir={} --seeds=0-7 --batch=4 --steps=4 --device=cpu'
     assert same.format(work / 'runs' / 'edm2-gen-ref') in ref['command'] and fast['command'].endswith(' --fast')
+    assert ours['command'].endswith(same.format(work / 'runs' / 'edm2-gen-ours'))
     assert batched['command'].endswith(' --fast --batched-guidance')
     # The made pickles decode with the bench's VAE: 8 PNGs per row, 8x the 64x64 latents.
     import PIL.Image
