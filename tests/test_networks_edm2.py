@@ -332,6 +332,11 @@ def test_frozen_weights_derive_each_weight_once_with_the_same_outputs(monkeypatc
             net(x, sigma, labels), net(x, sigma, labels)
             assert len(calls) == 2 * used  # training: the forced normalization changes the weights every call
         net.eval()
+    with torch.enable_grad(), networks.frozen_weights():  # gradients: each call builds its own graph
+        calls.clear()
+        net(x, sigma, labels).sum().backward(), net(x, sigma, labels).sum().backward()
+        assert len(calls) == 2 * used
+    with torch.no_grad():
         stacked = {k: torch.stack([v, v]) for k, v in net.named_parameters()}
         with networks.frozen_weights():
             out = torch.func.vmap(lambda p: torch.func.functional_call(net, p, (x, sigma, labels)))(stacked)

@@ -63,7 +63,6 @@ def check_batch(name: str, tensor, batch_size: int) -> None:
 # filter [1,1] of DDPM++, ADM and EDM2 these compute a 2x2 mean (down) and a nearest 2x copy (up): 'auto' runs
 # them as average pooling and nearest upsampling where BOX_RESAMPLE_MODES says so, 'reference' keeps the
 # convolutions. Other filters always take the convolutions.
-
 #
 # Weights: EDM2's layers derive their weights from their parameters in every call (normalization, gain, cast).
 # Inside frozen_weights(), where the caller keeps the parameters as they are (sampling), 'auto' derives them once
@@ -161,9 +160,11 @@ def _version_key(value):
 
 def derived_weight(layer: torch.nn.Module, make, *inputs):
     """The weight `make()` derives from `layer`'s own parameters and `inputs` (dtypes, gains): computed once and
-    reused inside frozen_weights() in eval mode, with 'auto' weights, outside torch.compile (whose graph derives it
-    in its fused kernels); computed in every call otherwise."""
-    if _compiling() or not _frozen['depth'] or layer.training or _backend['weights'] != 'auto':
+    reused inside frozen_weights() in eval mode without gradients, with 'auto' weights, outside torch.compile (whose
+    graph derives it in its fused kernels); computed in every call otherwise."""
+    if _compiling() or not _frozen['depth'] or layer.training or torch.is_grad_enabled():
+        return make()
+    if _backend['weights'] != 'auto':
         return make()
     try:
         key = tuple(_version_key(value) for value in (*layer.parameters(recurse=False), *inputs))
