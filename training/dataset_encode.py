@@ -131,8 +131,8 @@ class _Reader(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> tuple:
         idx = self.indices[k]
-        try:  # a tensor: from a worker it travels through shared memory, where an array would be pickled
-            return idx, torch.from_numpy(self.read_fn(self.source.payloads[idx])), None
+        try:
+            return idx, self.read_fn(self.source.payloads[idx]), None
         except Exception as err:  # reported in the main process with the file name
             return idx, None, f'cannot read {self.source.names(idx)}: {type(err).__name__}: {err}'
 
@@ -140,21 +140,25 @@ def _identity(item):
     return item
 
 def _batches(source: Source, indices: list[int], read_fn: Callable, batch: int, workers: int) -> Iterator[tuple]:
-    """(indices, stacked arrays) of up to `batch` consecutive items of one shape."""
+    """(indices, stacked arrays) of up to `batch` consecutive items of one shape. The reader processes start here,
+    in the calling thread (the main one), even when a background thread gathers the batches."""
     ahead = dict(prefetch_factor=-(-2 * batch // workers)) if workers > 0 else {}  # two batches ready
-    loader = torch.utils.data.DataLoader(_Reader(source, indices, read_fn), batch_size=None, shuffle=False,
-                                         num_workers=workers, collate_fn=_identity, **ahead)
+    items = iter(torch.utils.data.DataLoader(_Reader(source, indices, read_fn), batch_size=None, shuffle=False,
+                                              num_workers=workers, collate_fn=_identity, **ahead))
+    return _stacked(items, batch)
+
+def _stacked(items: Iterator[tuple], batch: int) -> Iterator[tuple]:
     idxs, arrays = [], []
-    for idx, array, error in loader:
+    for idx, array, error in items:
         if error is not None:
             raise ValueError(error)
         if arrays and (len(arrays) == batch or array.shape != arrays[0].shape):
-            yield idxs, torch.stack(arrays).numpy()
+            yield idxs, np.stack(arrays)
             idxs, arrays = [], []
         idxs.append(idx)
         arrays.append(array)
     if arrays:
-        yield idxs, torch.stack(arrays).numpy()
+        yield idxs, np.stack(arrays)
 
 def _setup(device: str, precision: str) -> tuple[torch.device, contextlib.AbstractContextManager]:
     """Device of this rank (joining torchrun's process group) and the autocast context."""
