@@ -8,7 +8,14 @@
 # Each call fits one `run` (10 minutes) on a fresh machine and writes at most 8 files to $OUT: the JSON and markdown
 # of each benchmark and diag.err, which stamps the seconds at which each part started. call3 and call5 need diffusers:
 # run them with carry ["gpuwheels"] (the wheels of diffusers and its dependencies for the device's Python), unpacked
-# below. Expected time on an H200, from sessions 27-28: call1 about 410 s, call2 about 550 s, call3 about 300 s,
+# below. Make gpuwheels/ once on the development machine (it is in .git/info/exclude there, so only carry moves it):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d gpuwheels diffusers==0.42.1 \
+#     huggingface_hub==2.4.0 safetensors==0.8.0 regex==2026.11.19 PyYAML==6.0.4 importlib_metadata==10.2.0 zipp==4.1.2 \
+#     filelock==4.3.2 fsspec==2026.9.0 hf-xet==1.8.0 httpx2==2.16.2 httpcore2==2.16.2 h11==0.16.0 anyio==4.16.0 \
+#     idna==3.20 truststore==0.10.5 lazy-importer==0.1.0 requests==2.34.2 urllib3==2.8.0 certifi==2026.10.19.post1 \
+#     charset-normalizer==3.5.3
+# Expected time on an H200, from sessions 27-28: call1 about 410 s, call2 about 550 s, call3 about 300 s,
 # call4 about 460 s, call5 about 500 s; each part has its own timeout so that a slow one fails alone.
 set -u
 CALL=${1:?usage: bash bench/gpu_plan.sh call1|call2|call3|call4|call5}
